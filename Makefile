@@ -1,0 +1,31 @@
+# `make demo` and `make test` create .venv and install the project by themselves; the install
+# reruns only when pyproject.toml changes.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= demo-output
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	# pip's notes about absent local mirror folders are noise; real errors still fail the build.
+	$(VENV)/bin/pip install --quiet -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/iid demo --out $(DEMO_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/loss.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
