@@ -139,7 +139,7 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def nmi_from_counts(counts: np.ndarray) -> float:
-    """NMI with arithmetic normalisation, identical to sklearn's default, from a contingency table."""
+    """NMI (arithmetic normalisation, as sklearn's default) from a contingency table."""
     counts = np.asarray(counts, dtype=np.float64)
     a, b = counts.sum(axis=1), counts.sum(axis=0)
     n_a, n_b = int((a > 0).sum()), int((b > 0).sum())
