@@ -28,12 +28,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DigitsDemoConfig:
-    epochs: int = 12
-    batch: int = 300
-    repeats: int = 4  # augmented pairs per image per step, as the reference's "num_dataloaders"
-    lr: float = 1e-3
-    lamb_a: float = 1.0
-    lamb_b: float = 1.0
+    epochs: int = 10
+    batch: int = 100
+    repeats: int = 1  # augmented pairs per image per step, as the reference's "num_dataloaders"
+    lr: float = 3e-3
+    lamb_a: float = 1.5
+    lamb_b: float = 1.5
     n_clusters_a: int = 50
     n_subheads: int = 5
     seed: int = 0
