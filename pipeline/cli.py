@@ -11,6 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.prepare.run import BadFilesError
+from pipeline.prepare.shards import PrepareError
+
 log = logging.getLogger("pipeline")
 
 
@@ -22,6 +25,93 @@ def _demo(args: argparse.Namespace) -> int:
     print(format_summary(summary))
     print(f"metrics written to {Path(args.out) / 'demo_metrics.json'}")
     return 0
+
+
+def _tiling(args: argparse.Namespace):
+    from pipeline.prepare.run import TilingOptions
+
+    return TilingOptions(
+        tile=args.tile,
+        stride=args.stride,
+        scale=args.downscale,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        rows_per_shard=args.rows_per_shard,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
+
+
+def _report(manifest: dict, out: Path) -> int:
+    splits = ", ".join(f"{k} {v['tiles']}" for k, v in manifest["splits"].items())
+    print(f"wrote {len(manifest['shards'])} shard(s) to {out}: tiles {splits}")
+    for bad in manifest["bad_files"]:
+        print(f"skipped: {bad['error']}", file=sys.stderr)
+    return 0
+
+
+def _prepare_potsdam(args: argparse.Namespace) -> int:
+    from pipeline.prepare.potsdam import prepare_potsdam
+
+    out = Path(args.out)
+    return _report(
+        prepare_potsdam(Path(args.src), out, _tiling(args), args.variant, args.labels), out
+    )
+
+
+def _prepare_folder(args: argparse.Namespace) -> int:
+    from pipeline.prepare.folder import prepare_folder
+
+    out = Path(args.out)
+    return _report(prepare_folder(Path(args.src), out, _tiling(args), args.bands), out)
+
+
+def _prepare_synthetic(args: argparse.Namespace) -> int:
+    from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
+
+    out = Path(args.out)
+    spec = SceneSpec(size=args.size, seed=args.scene_seed)
+    manifest = prepare_synthetic(out, _tiling(args), spec, baselines=not args.no_baselines)
+    for name, value in manifest.get("baselines_potsdam3", {}).items():
+        print(f"baseline {name}: {value}")
+    return _report(manifest, out / "shards")
+
+
+def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=tile,
+        help="tile side in output pixels (default %(default)s); incomplete edge tiles are dropped",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=tile,
+        help="step between tiles in output pixels (default: the tile side, no overlap)",
+    )
+    p.add_argument(
+        "--downscale",
+        type=float,
+        default=1.0,
+        help="output pixels per source pixel, "
+        "in (0, 1]; the reference uses 0.5 for Potsdam (images bilinear, labels nearest)",
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.1,
+        help="share of labelled tiles held out as the test split (default %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the deterministic train/test split")
+    p.add_argument("--rows-per-shard", type=int, default=256, help="tiles per Parquet file")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="exit 0 even if some files were "
+        "skipped as unreadable (they are listed in the manifest either way)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +130,68 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=10, help="training epochs (each: head A, B)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
+
+    prep = sub.add_parser(
+        "prepare",
+        help="tile raw data into Parquet shards",
+        description="Tile raw imagery into Parquet shards plus manifest.json.",
+    )
+    kinds = prep.add_subparsers(dest="kind", required=True)
+    pots = kinds.add_parser(
+        "potsdam",
+        help="ISPRS Potsdam release layout",
+        description="Tile an ISPRS Potsdam release (2_Ortho_RGB, 3_Ortho_IRRG, 4_Ortho_RGBIR, "
+        "5_Labels_all[_noBoundary]) into shards. Labels keep the 6 classes; black boundaries and "
+        "off-palette colours become 255 (ignored) and are counted in the manifest; the "
+        "Potsdam-3 merge is recorded there. Tiles without labels go to the unlabelled split.",
+    )
+    pots.add_argument("src", help="release folder")
+    pots.add_argument("out", help="output folder for shards and manifest.json")
+    pots.add_argument(
+        "--variant",
+        choices=["rgb", "irrg", "rgbir"],
+        default="rgb",
+        help="which ortho product to tile (3, 3 or 4 bands)",
+    )
+    pots.add_argument(
+        "--labels",
+        choices=["noboundary", "all"],
+        default="noboundary",
+        help="5_Labels_all_noBoundary (eroded edges ignored) or 5_Labels_all",
+    )
+    _add_tiling_options(pots)
+    pots.set_defaults(func=_prepare_potsdam)
+
+    fold = kinds.add_parser(
+        "folder",
+        help="a folder of your own PNG/JPEG/TIFF images (no labels)",
+        description="Tile every PNG/JPEG/TIFF under SRC (recursively) into the unlabelled split. "
+        "Other files are reported as bad input.",
+    )
+    fold.add_argument("src", help="image folder")
+    fold.add_argument("out", help="output folder for shards and manifest.json")
+    fold.add_argument(
+        "--bands",
+        type=int,
+        default=None,
+        help="required band count (default: that of the first image)",
+    )
+    _add_tiling_options(fold)
+    fold.set_defaults(func=_prepare_folder)
+
+    syn = kinds.add_parser(
+        "synthetic",
+        help="the generated aerial-like scene behind `make demo`",
+        description="Generate an aerial-like scene as GeoTIFFs in the Potsdam layout under "
+        "OUT/raw, then prepare it like real Potsdam data into OUT/shards; records colour-only "
+        "and context baselines in the manifest.",
+    )
+    syn.add_argument("out", help="output folder")
+    syn.add_argument("--size", type=int, default=2048, help="scene side in pixels (>= 2000)")
+    syn.add_argument("--scene-seed", type=int, default=0, help="seed of the generated scene")
+    syn.add_argument("--no-baselines", action="store_true", help="skip the baseline measurements")
+    _add_tiling_options(syn)
+    syn.set_defaults(func=_prepare_synthetic)
     return parser
 
 
@@ -51,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except (PrepareError, ValueError, FileNotFoundError, PermissionError) as err:
         print(f"iid {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, BadFilesError) else 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,338 @@
+"""Training pairs (x, g(x)) and what is needed to undo g, on CPU actors or on a GPU.
+
+g is: colour jitter (brightness, contrast, saturation, hue in HSV; only on the RGB bands, never on
+infrared), then an optional random affine (rotation, shear, scale), then a horizontal flip with
+probability 0.5. One ``strength`` knob scales every jitter and affine range (0 turns g into
+flips only). The spatial part is one 2x3 matrix per pair in ``affine_grid`` coordinates; the
+pair carries its inverse, and ``undo`` warps the second view's prediction back into the first
+view's frame (bilinear, zero padding) with the mask of pixels that stayed inside.
+
+``make_pairs`` is plain torch on whatever device its input is on: ``PairMaker`` runs it in Ray
+Data actors on CPU, and the trainer may run it on GPU tensors instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.metrics import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """How g is drawn. Ranges are at ``strength`` 1; each is multiplied by ``strength``.
+
+    Attributes:
+        crop: side of the random square crop taken from each tile (0: the whole tile).
+        strength: scales all jitter and affine ranges.
+        brightness, contrast, saturation: factors drawn from [1 - v, 1 + v].
+        hue: hue shift drawn from [-v, v] (in turns).
+        flip: horizontal flip with probability 0.5.
+        affine: random rotation / shear / scale.
+        rotation, shear: degrees, drawn from [-v, v].
+        scale: zoom drawn from [1 - v, 1 + v].
+        rgb_bands: indices of the R, G, B bands to jitter; () jitters nothing (e.g. IR-R-G).
+    """
+
+    crop: int = 0
+    strength: float = 1.0
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.125
+    flip: bool = True
+    affine: bool = False
+    rotation: float = 30.0
+    shear: float = 10.0
+    scale: float = 0.2
+    rgb_bands: tuple[int, ...] = (0, 1, 2)
+
+    def __post_init__(self) -> None:
+        if self.strength < 0:
+            raise ValueError(f"pairs.strength must be >= 0, got {self.strength!r}")
+        if self.crop < 0:
+            raise ValueError(f"pairs.crop must be >= 0, got {self.crop!r}")
+        if len(self.rgb_bands) not in (0, 3):
+            raise ValueError(f"pairs.rgb_bands must name 3 bands or none, got {self.rgb_bands!r}")
+        if self.strength * self.scale >= 1:
+            raise ValueError(
+                f"pairs.scale * strength must be < 1, got {self.scale * self.strength}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PairConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown pairs option(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "rgb_bands" in d:
+            d["rgb_bands"] = tuple(d["rgb_bands"])
+        return cls(**d)
+
+
+def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=device) * (hi - lo) + lo
+
+
+# RGB <-> YIQ (NTSC). In YIQ, HSV's hue is (to first order) the angle in the I-Q plane and its
+# saturation the radius, so a whole HSV jitter becomes one 3x3 matrix per image: the same trick
+# as NVIDIA DALI's hsv operator, and ~10x cheaper than converting every pixel to HSV and back.
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+
+
+def colour_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """(n, 3, 3) per-image colour transforms: hue rotation, saturation and brightness (value)."""
+    s = cfg.strength
+    hue = _uniform(n, -s * cfg.hue, s * cfg.hue, gen, device) * 2 * math.pi
+    sat = _uniform(n, 1 - s * cfg.saturation, 1 + s * cfg.saturation, gen, device)
+    val = _uniform(n, 1 - s * cfg.brightness, 1 + s * cfg.brightness, gen, device)
+    chroma = torch.zeros(n, 3, 3, device=device)
+    chroma[:, 0, 0] = 1
+    chroma[:, 1, 1], chroma[:, 1, 2] = sat * hue.cos(), -sat * hue.sin()
+    chroma[:, 2, 1], chroma[:, 2, 2] = sat * hue.sin(), sat * hue.cos()
+    return val.view(n, 1, 1) * (_YIQ2RGB.to(device) @ chroma @ _RGB2YIQ.to(device))
+
+
+def colour_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> torch.Tensor:
+    """Per-image hue, saturation, brightness and contrast changes of the RGB bands of x.
+
+    Args:
+        x: (n, B, H, W) in [0, 1].
+
+    Returns:
+        A jittered copy in [0, 1]; bands outside ``cfg.rgb_bands`` (infrared) are untouched.
+    """
+    if not cfg.rgb_bands or cfg.strength == 0:
+        return x
+    n, _, h, w = x.shape
+    dev, s, first = x.device, cfg.strength, cfg.rgb_bands[0]
+    # consecutive bands -> a slice (a view) instead of fancy indexing (a copy)
+    idx = (
+        slice(first, first + 3)
+        if tuple(cfg.rgb_bands) == (first, first + 1, first + 2)
+        else list(cfg.rgb_bands)
+    )
+    rgb = x[:, idx].reshape(n, 3, h * w)
+    m = colour_matrices(n, cfg, gen, dev)
+    contrast = _uniform(n, 1 - s * cfg.contrast, 1 + s * cfg.contrast, gen, dev).view(n, 1, 1)
+    # Contrast blends with the image's mean grey: fold it into the matrix and one offset.
+    grey = (m @ rgb.mean(dim=2, keepdim=True)).mean(dim=1, keepdim=True)  # (n, 1, 1)
+    out = x.clone()
+    out[:, idx] = (
+        torch.baddbmm((1 - contrast) * grey, contrast * m, rgb).clamp_(0, 1).view(n, 3, h, w)
+    )
+    return out
+
+
+def spatial_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """(n, 2, 3) ``affine_grid`` matrices of g's spatial part (affine, then flip)."""
+    s = cfg.strength
+    m = torch.eye(2, device=device).repeat(n, 1, 1)
+    if cfg.affine and s > 0:
+        rot = _uniform(n, -s * cfg.rotation, s * cfg.rotation, gen, device) * math.pi / 180
+        shear = _uniform(n, -s * cfg.shear, s * cfg.shear, gen, device) * math.pi / 180
+        zoom = _uniform(n, 1 - s * cfg.scale, 1 + s * cfg.scale, gen, device)
+        cos, sin = rot.cos(), rot.sin()
+        rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)
+        shearing = torch.eye(2, device=device).repeat(n, 1, 1)
+        shearing[:, 0, 1] = shear.tan()
+        # grid_sample reads the input at M @ p: reading at p / zoom magnifies by `zoom`.
+        m = rotation @ shearing / zoom.view(n, 1, 1)
+    if cfg.flip:
+        flips = torch.rand(n, generator=gen, device=device) < 0.5
+        m[:, :, 0] = torch.where(flips[:, None], -m[:, :, 0], m[:, :, 0])
+    return torch.cat([m, torch.zeros(n, 2, 1, device=device)], dim=2)
+
+
+def invert(theta: torch.Tensor) -> torch.Tensor:
+    """Inverse of (n, 2, 3) affine matrices."""
+    a_inv = torch.linalg.inv(theta[:, :, :2])
+    return torch.cat([a_inv, -a_inv @ theta[:, :, 2:]], dim=2)
+
+
+def _coords(theta: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source coordinates (u, v), each (n, H, W), of ``affine_grid(theta)`` by broadcasting:
+    several times faster on CPU than affine_grid's (n, HW, 3) @ (3, 2) batched matmul."""
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    t = theta.view(-1, 6, 1, 1)
+    xs, ys = xs.view(1, 1, w), ys.view(1, h, 1)
+    return t[:, 0] * xs + t[:, 1] * ys + t[:, 2], t[:, 3] * xs + t[:, 4] * ys + t[:, 5]
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Resample (n, C, H, W) at ``theta @ p`` for every pixel p (as ``affine_grid``), zero
+    padding outside."""
+    u, v = _coords(theta.to(x.dtype), x.shape[2], x.shape[3])
+    grid = torch.stack([u, v], dim=-1)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def undo(pred: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g*: bring the second view's (n, C, H, W) maps back to the first view's frame.
+
+    Returns:
+        (warped maps, (n, H, W) bool mask of pixels that came from inside the second view).
+    """
+    n, _, h, w = pred.shape
+    return warp(pred, inverse), valid_mask(invert(inverse), h, w)
+
+
+def valid_mask(theta: torch.Tensor, h: int, w: int, margin_px: float = 1.5) -> torch.Tensor:
+    """(n, H, W) bool: pixels p of the first view that g* can restore.
+
+    p is valid when its source ``theta^-1 p`` in the second view and p itself lie at least
+    ``margin_px`` inside their frames, so neither bilinear pass touches the zero padding.
+    """
+    lim_u, lim_v = 1 - 2 * margin_px / w, 1 - 2 * margin_px / h
+    u, v = _coords(invert(theta), h, w)
+    x0, y0 = _coords(torch.eye(2, 3, device=theta.device)[None], h, w)
+    inside = (u.abs() <= lim_u) & (v.abs() <= lim_v) & (x0.abs() <= lim_u) & (y0.abs() <= lim_v)
+    return inside | _identity(theta, h, w)
+
+
+def _identity(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    # Pure flips (and the identity) move whole pixels: every pixel is restorable.
+    return _pure_flips(theta).view(-1, 1, 1).expand(-1, h, w)
+
+
+def _pure_flips(theta: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(2, device=theta.device)
+    return ((theta[:, :, :2].abs() == eye).all(-1).all(-1)) & (theta[:, :, 2] == 0).all(-1)
+
+
+def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Draw g for every image of a batch and apply it.
+
+    Args:
+        x: (n, B, H, W) images in [0, 1] (any device; ``gen`` on the same device).
+        cfg: what to draw.
+        gen: random generator.
+
+    Returns:
+        dict with ``x`` (the first view), ``gx`` (the second), ``theta`` (g's spatial matrix),
+        ``inverse`` (its inverse, for ``undo``), and ``mask`` (n, H, W): pixels of the first
+        view whose counterpart lies inside the second view.
+    """
+    n, _, h, w = x.shape
+    theta = spatial_matrices(n, cfg, gen, x.device)
+    gx = colour_jitter(x, cfg, gen)
+    if cfg.affine and cfg.strength > 0:
+        gx = warp(gx, theta)
+    else:
+        # Flips move whole pixels: do them exactly, without interpolation.
+        flipped = theta[:, 0, 0] < 0
+        gx = torch.where(flipped.view(n, 1, 1, 1), gx.flip(-1), gx)
+    mask = valid_mask(theta, h, w)
+    return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+
+
+def random_crops(
+    images: np.ndarray, labels: np.ndarray | None, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The same random square window of each image (n, B, H, W) and its label (n, H, W)."""
+    n, _, h, w = images.shape
+    if size == 0 or (size == h and size == w):
+        return images, labels
+    if size > min(h, w):
+        raise ValueError(f"pairs.crop {size} is larger than the {h}x{w} tiles")
+    ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
+    img = np.stack(
+        [
+            images[i, :, y : y + size, x : x + size]
+            for i, (y, x) in enumerate(zip(ys, xs, strict=True))
+        ]
+    )
+    lab = (
+        None
+        if labels is None
+        else np.stack(
+            [
+                labels[i, y : y + size, x : x + size]
+                for i, (y, x) in enumerate(zip(ys, xs, strict=True))
+            ]
+        )
+    )
+    return img, lab
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Shard rows (a numpy batch from Ray Data or pyarrow) -> images (n, B, H, W) float32 in
+    [0, 1] and labels (n, H, W) uint8 (IGNORE_INDEX where unknown)."""
+    n = len(batch["image"])
+    if n == 0:
+        raise ValueError("empty batch")
+    shape = (int(batch["bands"][0]), int(batch["height"][0]), int(batch["width"][0]))
+    dtype = np.dtype(str(batch["dtype"][0]))
+    raw = np.frombuffer(b"".join(batch["image"]), dtype=dtype).reshape(n, *shape)
+    scale = 1.0 / np.iinfo(dtype).max if dtype.kind in "ui" else 1.0
+    images = raw.astype(np.float32) * np.float32(scale)
+    labels = np.full((n, shape[1], shape[2]), IGNORE_INDEX, dtype=np.uint8)
+    for i, lab in enumerate(batch.get("label", [None] * n)):
+        if lab is not None:
+            labels[i] = np.frombuffer(lab, dtype=np.uint8).reshape(shape[1], shape[2])
+    return images, labels
+
+
+class PairMaker:
+    """Ray Data ``map_batches`` callable: shard rows in, training pairs out.
+
+    Args:
+        cfg: PairConfig as a plain dict (what crosses to Ray actors).
+        seed: base seed; each actor adds its own entropy unless ``deterministic``.
+        deterministic: same seed in every actor (for tests).
+    """
+
+    def __init__(self, cfg: dict, seed: int = 0, deterministic: bool = False):
+        self.cfg = PairConfig.from_dict(cfg)
+        entropy = [seed] if deterministic else [seed, int.from_bytes(np.random.bytes(4), "big")]
+        self.rng = np.random.default_rng(entropy)
+        self.gen = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
+        torch.set_num_threads(1)  # one core per actor; the pool provides the parallelism
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images, labels = decode_batch(batch)
+        images, labels = random_crops(images, labels, self.cfg.crop, self.rng)
+        with torch.no_grad():
+            out = make_pairs(torch.from_numpy(np.ascontiguousarray(images)), self.cfg, self.gen)
+        return {
+            "x": out["x"].numpy(),
+            "gx": out["gx"].numpy(),
+            "inverse": out["inverse"].numpy(),
+            "mask": out["mask"].numpy(),
+            "label": labels,
+            "tile_id": np.asarray(batch["tile_id"]),
+        }
+
+
+def pair_dataset(
+    path: str,
+    cfg: PairConfig,
+    *,
+    actors: int = 2,
+    batch_size: int = 32,
+    num_cpus: float = 0.5,
+    seed: int = 0,
+):
+    """A Ray Dataset of pairs from a shard folder (any pyarrow filesystem URI).
+
+    The pool's actors take fractional CPUs so that read tasks and Train workers are not starved
+    on small machines (see RAY_NOTES).
+    """
+    import ray.data
+
+    return ray.data.read_parquet(path).map_batches(
+        PairMaker,
+        fn_constructor_kwargs={"cfg": asdict(cfg), "seed": seed},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )

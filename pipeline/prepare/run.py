@@ -1,0 +1,167 @@
+"""The loop every tiled dataset shares: sources -> tiles -> split -> shards -> manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.metrics import IGNORE_INDEX
+from pipeline.prepare.raster import LabelFn, TileGrid, iter_tiles, raster_info
+from pipeline.prepare.shards import PrepareError, ShardWriter, Tile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One image raster and its optional label raster."""
+
+    image: Path
+    label: Path | None = None
+
+
+@dataclass(frozen=True)
+class TilingOptions:
+    tile: int = 200
+    stride: int = 200
+    scale: float = 1.0
+    test_fraction: float = 0.1
+    seed: int = 0
+    rows_per_shard: int = 256
+    skip_bad: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tile < 1 or self.stride < 1:
+            raise PrepareError(
+                f"--tile and --stride must be positive, got {self.tile}, {self.stride}"
+            )
+        if not 0 < self.scale <= 1:
+            raise PrepareError(f"--downscale must be in (0, 1], got {self.scale}")
+        if not 0 <= self.test_fraction < 1:
+            raise PrepareError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+
+
+class BadFilesError(PrepareError):
+    """Some files were skipped; the rest of the dataset was written."""
+
+
+def assign_split(tile: Tile, seed: int, test_fraction: float) -> str:
+    """Deterministic split from (seed, source, window): a tile lands in exactly one split.
+
+    Tiles with no label, or whose label is all ignore, are ``unlabelled``.
+    """
+    if tile.label is None or bool((tile.label == IGNORE_INDEX).all()):
+        tile.label = None
+        return "unlabelled"
+    key = f"{seed}:{tile.source}:{tile.row_off}:{tile.col_off}".encode()
+    draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+    return "test" if draw < test_fraction else "train"
+
+
+def prepare_tiles(
+    sources: Sequence[Source],
+    out: Path,
+    opts: TilingOptions,
+    *,
+    meta: dict,
+    n_classes: int,
+    label_fn: LabelFn | None = None,
+    expect_bands: int | None = None,
+    root: Path | None = None,
+    bad_files: Iterable[dict] = (),
+    late_meta: Callable[[], dict] | None = None,
+) -> dict:
+    """Tile every source into shards under ``out`` and write the manifest.
+
+    Args:
+        sources: image (and label) rasters.
+        out: output folder.
+        opts: tiling options.
+        meta: dataset description merged into the manifest.
+        n_classes: classes for the histograms.
+        label_fn: label raster -> class ids.
+        expect_bands: required image band count.
+        root: paths in the shards are recorded relative to it.
+        bad_files: problems already found while listing the sources.
+        late_meta: called after tiling; its dict joins the manifest (counts gathered on the way).
+
+    Returns:
+        The manifest dict.
+
+    Raises:
+        PrepareError: on an unusable output folder.
+        BadFilesError: if any file was skipped and ``opts.skip_bad`` is false (the manifest,
+            listing them, is written first).
+    """
+    bad = list(bad_files)
+    writer = ShardWriter(out, n_classes, opts.rows_per_shard)
+    plans: list[tuple[Source, TileGrid]] = []
+    for src in sources:
+        try:
+            _, height, width = raster_info(src.image)
+            plans.append((src, TileGrid(height, width, opts.tile, opts.stride, opts.scale)))
+        except PrepareError as err:
+            bad.append({"file": str(src.image), "error": str(err)})
+            log.error("%s", err)
+    bar = tqdm(
+        total=sum(len(g) for _, g in plans),
+        unit="tile",
+        desc="tiling",
+        disable=None if opts.progress else True,
+    )
+    for src, grid in plans:
+        name = str(src.image.relative_to(root)) if root else str(src.image)
+        label_name = str(src.label.relative_to(root)) if (root and src.label) else None
+        writer.begin_file(_shard_stem(src.image, root))
+        try:
+            for tile in iter_tiles(
+                src.image,
+                grid,
+                label_path=src.label,
+                label_fn=label_fn,
+                expect_bands=expect_bands,
+                source_name=name,
+                label_name=label_name,
+            ):
+                writer.add(tile, assign_split(tile, opts.seed, opts.test_fraction))
+                bar.update()
+        except PrepareError as err:
+            writer.abort_file()
+            bad.append({"file": str(src.image), "error": str(err)})
+            log.error("%s", err)
+            continue
+        writer.commit_file()
+    bar.close()
+    params = {
+        "tile": opts.tile,
+        "stride": opts.stride,
+        "scale": opts.scale,
+        "test_fraction": opts.test_fraction,
+        "seed": opts.seed,
+    }
+    extra = late_meta() if late_meta else {}
+    manifest = writer.write_manifest({**meta, **extra, "tiling": params}, bad)
+    if bad and not opts.skip_bad:
+        raise BadFilesError(
+            f"{len(bad)} file(s) skipped, first: {bad[0]['error']} (all listed in "
+            f"{out / 'manifest.json'}; pass --skip-bad to accept)"
+        )
+    return manifest
+
+
+def _shard_stem(path: Path, root: Path | None) -> str:
+    rel = path.relative_to(root) if root else Path(path.name)
+    return "__".join(rel.with_suffix("").parts)
+
+
+def label_histogram(labels: np.ndarray, n_classes: int) -> list[int]:
+    """Per-class pixel counts of an id raster (IGNORE_INDEX excluded)."""
+    hist = np.bincount(labels.ravel(), minlength=256)
+    return [int(v) for v in hist[:n_classes]]
