@@ -32,7 +32,7 @@ def _tiling(args: argparse.Namespace):
 
     return TilingOptions(
         tile=args.tile,
-        stride=args.stride,
+        stride=args.stride or args.tile,
         scale=args.downscale,
         test_fraction=args.test_fraction,
         seed=args.seed,
@@ -87,7 +87,7 @@ def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
     p.add_argument(
         "--stride",
         type=int,
-        default=tile,
+        default=None,
         help="step between tiles in output pixels (default: the tile side, no overlap)",
     )
     p.add_argument(

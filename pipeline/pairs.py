@@ -109,7 +109,8 @@ def colour_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> tor
     Returns:
         A jittered copy in [0, 1]; bands outside ``cfg.rgb_bands`` (infrared) are untouched.
     """
-    if not cfg.rgb_bands or cfg.strength == 0:
+    ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+    if not cfg.rgb_bands or cfg.strength == 0 or not any(ranges):
         return x
     n, _, h, w = x.shape
     dev, s, first = x.device, cfg.strength, cfg.rgb_bands[0]

@@ -143,8 +143,8 @@ def iter_tiles(
                 row_off, rows = grid.source_rows(r)
                 for c in grid.starts(grid.out_width):
                     col_off, cols = round(c / grid.scale), round(grid.tile / grid.scale)
-                    transform = src.transform * rasterio.Affine.translation(col_off, row_off)
-                    transform *= rasterio.Affine.scale(1 / grid.scale)
+                    transform = src.transform @ rasterio.Affine.translation(col_off, row_off)
+                    transform = transform @ rasterio.Affine.scale(1 / grid.scale)
                     yield Tile(
                         tile_id=f"{stem}_r{r}_c{c}",
                         source=source_name or str(image_path),
