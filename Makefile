@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	$(VENV)/bin/iid prepare synthetic $(DEMO_DIR)/synthetic --no-progress
 	$(VENV)/bin/iid demo --out $(DEMO_DIR)
 
 lint: $(STAMP)
@@ -26,6 +27,8 @@ test: lint
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/loss.py
+	$(VENV)/bin/python bench/prepare.py
+	$(VENV)/bin/python bench/pairs.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

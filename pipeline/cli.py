@@ -37,6 +37,7 @@ def _tiling(args: argparse.Namespace):
         test_fraction=args.test_fraction,
         seed=args.seed,
         rows_per_shard=args.rows_per_shard,
+        compression=args.compression,
         skip_bad=args.skip_bad,
         progress=not args.no_progress,
     )
@@ -77,6 +78,21 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
     return _report(manifest, out / "shards")
 
 
+def _prepare_clustering(args: argparse.Namespace) -> int:
+    from pipeline.prepare import clustering
+
+    out, opts = Path(args.out), _tiling(args)
+    if args.kind == "digits":
+        manifest = clustering.prepare_digits(out, opts)
+    elif args.kind == "mnist":
+        manifest = clustering.prepare_mnist(Path(args.src), out, opts)
+    elif args.kind == "stl10":
+        manifest = clustering.prepare_stl10(Path(args.src), out, opts)
+    else:
+        manifest = clustering.prepare_class_folders(Path(args.src), out, opts, args.size)
+    return _report(manifest, out)
+
+
 def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
     p.add_argument(
         "--tile",
@@ -105,6 +121,12 @@ def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the deterministic train/test split")
     p.add_argument("--rows-per-shard", type=int, default=256, help="tiles per Parquet file")
+    p.add_argument(
+        "--compression",
+        choices=["lz4", "zstd", "snappy", "none"],
+        default="lz4",
+        help="Parquet codec: lz4 (default) is fastest to write and read, zstd smallest",
+    )
     p.add_argument(
         "--skip-bad",
         action="store_true",
@@ -192,6 +214,31 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--no-baselines", action="store_true", help="skip the baseline measurements")
     _add_tiling_options(syn)
     syn.set_defaults(func=_prepare_synthetic)
+
+    whole = {
+        "digits": "scikit-learn's 8x8 digits, shipped inside the package (no SRC)",
+        "mnist": "MNIST IDX files (train-/t10k-images-idx3-ubyte[.gz] and labels) in SRC",
+        "stl10": "STL-10 binary files (train_X.bin, train_y.bin, test_*, unlabeled_X.bin) in SRC",
+        "classes": "a folder with one sub-folder of images per class",
+    }
+    for kind, text in whole.items():
+        p = kinds.add_parser(
+            kind,
+            help=f"whole images for clustering: {text}",
+            description=f"Write {text} as shards, one image per row with its class id.",
+        )
+        if kind != "digits":
+            p.add_argument("src", help="source folder")
+        p.add_argument("out", help="output folder for shards and manifest.json")
+        if kind == "classes":
+            p.add_argument(
+                "--size",
+                type=int,
+                default=0,
+                help="resize every image to SIZE x SIZE (default: keep sizes)",
+            )
+        _add_tiling_options(p)
+        p.set_defaults(func=_prepare_clustering)
     return parser
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-IGNORE_INDEX = 255
+from pipeline import IGNORE_INDEX
 
 
 def confusion_counts(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.metrics import IGNORE_INDEX
+from pipeline import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.metrics import IGNORE_INDEX
+from pipeline import IGNORE_INDEX
 from pipeline.prepare.run import Source, TilingOptions, prepare_tiles
 from pipeline.prepare.shards import PrepareError
 

@@ -21,6 +21,7 @@ from rasterio.windows import Window
 
 from pipeline.prepare.shards import PrepareError, Tile
 
+GDAL_CACHE_MB = 128
 LabelFn = Callable[[np.ndarray], np.ndarray]  # (bands, h, w) label raster -> (h, w) uint8 ids
 
 
@@ -119,7 +120,9 @@ def iter_tiles(
     Raises:
         PrepareError: unreadable or truncated file, wrong band count, size mismatch.
     """
-    with _open(image_path) as src:
+    # GDAL's block cache defaults to 5% of RAM and would grow with the raster; two rows of
+    # blocks are all a band-by-band pass ever reuses.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), _open(image_path) as src:
         if expect_bands is not None and src.count != expect_bands:
             raise PrepareError(
                 f"{image_path}: has {src.count} bands, expected {expect_bands} for this variant"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.metrics import IGNORE_INDEX
+from pipeline import IGNORE_INDEX
 from pipeline.prepare.raster import LabelFn, TileGrid, iter_tiles, raster_info
 from pipeline.prepare.shards import PrepareError, ShardWriter, Tile
 
@@ -34,6 +34,7 @@ class TilingOptions:
     test_fraction: float = 0.1
     seed: int = 0
     rows_per_shard: int = 256
+    compression: str = "lz4"
     skip_bad: bool = False
     progress: bool = True
 
@@ -101,7 +102,7 @@ def prepare_tiles(
             listing them, is written first).
     """
     bad = list(bad_files)
-    writer = ShardWriter(out, n_classes, opts.rows_per_shard)
+    writer = ShardWriter(out, n_classes, opts.rows_per_shard, opts.compression)
     plans: list[tuple[Source, TileGrid]] = []
     for src in sources:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.metrics import IGNORE_INDEX
+from pipeline import IGNORE_INDEX
 
 SPLITS = ("train", "test", "unlabelled")
+COMPRESSIONS = ("lz4", "zstd", "snappy", "none")
 
 SCHEMA = pa.schema(
     [
@@ -45,7 +47,7 @@ SCHEMA = pa.schema(
         pa.field("label", pa.binary()),  # uint8 H x W, IGNORE_INDEX where unknown; null if none
         pa.field("class_id", pa.int32()),  # whole-image class for clustering data; else null
         pa.field("crs", pa.string()),
-        pa.field("transform", pa.list_(pa.float64(), 6)),  # affine of the tile's own pixel grid
+        pa.field("transform", pa.list_(pa.float64())),  # 6 affine coefficients of the tile grid
     ]
 )
 
@@ -145,13 +147,22 @@ class ShardWriter:
         out: dataset folder.
         n_classes: classes for the histograms (0 for unlabelled data).
         rows_per_shard: tiles per Parquet file.
+        compression: Parquet codec; lz4 is the fastest to write and to read back in training,
+            zstd the smallest.
 
     Raises:
         PrepareError: if ``out`` cannot be created or written.
     """
 
-    def __init__(self, out: Path, n_classes: int, rows_per_shard: int = 256):
+    def __init__(
+        self, out: Path, n_classes: int, rows_per_shard: int = 256, compression: str = "lz4"
+    ):
         self.out, self.n_classes, self.rows_per_shard = Path(out), n_classes, rows_per_shard
+        if compression not in COMPRESSIONS:
+            raise PrepareError(f"--compression must be one of {COMPRESSIONS}, got {compression!r}")
+        self.compression = compression
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._writes: list[Future] = []
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             probe = self.out / f".write-test-{os.getpid()}"
@@ -187,15 +198,34 @@ class ShardWriter:
         final = self.out / split / f"{self._stem}-{k:05d}.parquet"
         final.parent.mkdir(exist_ok=True)
         tmp = final.with_name(final.name + ".tmp")
-        pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp, compression="zstd")
+        # Written on a background thread (pyarrow releases the GIL): encoding and disk writes
+        # overlap with reading the next band of the raster.
+        # At most two shards in flight, so memory stays bounded when the disk is the bottleneck.
+        while len(self._writes) >= 2:
+            self._writes.pop(0).result()
+        self._writes.append(self._pool.submit(self._write, rows, tmp))
         self._staged.append(
             (tmp, final, {"path": str(final.relative_to(self.out)), "rows": len(rows)})
         )
+
+    def _write(self, rows: list[dict], tmp: Path) -> None:
+        # No dictionary or statistics for the array columns: hashing 100 kB values buys nothing.
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        small = [f.name for f in SCHEMA if f.name not in ("image", "label")]
+        pq.write_table(
+            table, tmp, compression=self.compression, use_dictionary=small, write_statistics=small
+        )
+
+    def _wait(self) -> None:
+        writes, self._writes = self._writes, []
+        for w in writes:
+            w.result()
 
     def commit_file(self) -> None:
         """The source file was read completely: publish its shards and count its tiles."""
         for split in list(self._pending):
             self._flush(split)
+        self._wait()
         for tmp, final, info in self._staged:
             tmp.replace(final)
             self.shards.append(info)
@@ -205,6 +235,10 @@ class ShardWriter:
 
     def abort_file(self) -> None:
         """The source file failed: drop everything staged for it."""
+        try:
+            self._wait()
+        except OSError:
+            pass  # a failed write of a file being dropped anyway
         for tmp, _, _ in self._staged:
             tmp.unlink(missing_ok=True)
         self._staged, self._pending = [], {}

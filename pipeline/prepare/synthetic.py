@@ -31,7 +31,7 @@ IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR = 0, 1, 2, 3, 4
 class SceneSpec:
     size: int = 2048
     seed: int = 0
-    roads: int = 8  # per direction
+    roads: int = 0  # per direction; 0: one per 256 px of side
     tiles: tuple[tuple[int, int], ...] = ((1, 1),)
 
 
@@ -135,7 +135,7 @@ def _paint(rng: np.random.Generator, cls: np.ndarray, roads: list) -> np.ndarray
 def make_scene(spec: SceneSpec, tile: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, np.ndarray]:
     """(image (3, h, w) uint8, class map (h, w) uint8) of one generated scene tile."""
     rng = np.random.default_rng([spec.seed, *tile])
-    cls, roads = _draw_layout(rng, spec.size, spec.roads)
+    cls, roads = _draw_layout(rng, spec.size, spec.roads or max(1, spec.size // 256))
     img = _paint(rng, cls, roads)
     return img.transpose(2, 0, 1), cls
 
