@@ -78,6 +78,24 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
     return _report(manifest, out / "shards")
 
 
+def _prepare_cocostuff(args: argparse.Namespace) -> int:
+    from pipeline.prepare.cocostuff import prepare_cocostuff
+
+    out = Path(args.out)
+    manifest = prepare_cocostuff(
+        Path(args.src),
+        out,
+        _tiling(args),
+        args.subset,
+        args.prescale,
+        args.min_target,
+        args.min_side,
+        Path(args.ids) if args.ids else None,
+    )
+    print("curation: " + ", ".join(f"{k} {v}" for k, v in manifest["curation"].items()))
+    return _report(manifest, out)
+
+
 def _prepare_clustering(args: argparse.Namespace) -> int:
     from pipeline.prepare import clustering
 
@@ -214,6 +232,42 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--no-baselines", action="store_true", help="skip the baseline measurements")
     _add_tiling_options(syn)
     syn.set_defaults(func=_prepare_synthetic)
+
+    coco = kinds.add_parser(
+        "cocostuff",
+        help="COCO-Stuff 164k layout -> COCO-Stuff-3 or -15",
+        description="Map COCO-Stuff fine labels to the 27 coarse classes and to the subset "
+        "(3: sky/plant/ground, 15: the stuff superclasses; other pixels ignored), curate, "
+        "pre-scale and centre-crop to a --tile square (pairs crop randomly from it).",
+    )
+    coco.add_argument(
+        "src",
+        help="folder with images/{train2017,val2017} and "
+        "stuffthingmaps_trainval2017/{train2017,val2017}",
+    )
+    coco.add_argument("out", help="output folder for shards and manifest.json")
+    coco.add_argument("--subset", type=int, choices=[3, 15], default=3)
+    coco.add_argument(
+        "--prescale",
+        type=float,
+        default=0.33,
+        help="resize factor before the crop (reference 0.33)",
+    )
+    coco.add_argument(
+        "--min-target",
+        type=float,
+        default=0.75,
+        help="keep images with at least this share of target-class pixels (reference 0.75)",
+    )
+    coco.add_argument(
+        "--min-side",
+        type=int,
+        default=360,
+        help="keep images whose shorter side is at least this many pixels (reference 360)",
+    )
+    coco.add_argument("--ids", default=None, help="file of image ids to keep instead of the rule")
+    _add_tiling_options(coco, tile=128)
+    coco.set_defaults(func=_prepare_cocostuff)
 
     whole = {
         "digits": "scikit-learn's 8x8 digits, shipped inside the package (no SRC)",
