@@ -19,21 +19,33 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.pairs import PairConfig, make_pairs, pair_dataset
+from pipeline.pairs import PairConfig, make_pairs, pair_dataset, spatial_matrices, warp
 from pipeline.prepare.folder import prepare_folder
 from pipeline.prepare.run import TilingOptions
 
 CFG = PairConfig(affine=True, flip=True, strength=1.0)
 
 
-def bare(n_batches: int, batch: int) -> float:
+def bare(n_batches: int, batch: int, cfg: PairConfig = CFG) -> float:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 4, 200, 200)
-    make_pairs(x, CFG, gen)
+    make_pairs(x, cfg, gen)
     start = time.perf_counter()
     for _ in range(n_batches):
-        make_pairs(x, CFG, gen)
+        make_pairs(x, cfg, gen)
+    return n_batches * batch / (time.perf_counter() - start)
+
+
+def resample_only(n_batches: int, batch: int) -> float:
+    """The bilinear warp alone: the ceiling for any torch implementation of the affine."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 4, 200, 200)
+    theta = spatial_matrices(batch, CFG, gen, "cpu")
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        warp(x, theta)
     return n_batches * batch / (time.perf_counter() - start)
 
 
@@ -79,6 +91,8 @@ def main() -> None:
     args = ap.parse_args()
     cores = os.cpu_count()
     bare_rate = bare(args.batches, args.batch)
+    no_affine = bare(args.batches, args.batch, PairConfig(affine=False))
+    warp_rate = resample_only(args.batches, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         e2e_rate, rows = end_to_end(Path(tmp), args.tiles_side, args.actors, args.batch)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
@@ -87,6 +101,8 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     print(f"bare transform, 1 thread:      {bare_rate:7.0f} pairs/s per core")
+    print(f"  without the affine (jitter + flip): {no_affine:7.0f} pairs/s per core")
+    print(f"  bilinear warp alone (grid_sample):  {warp_rate:7.0f} pairs/s per core")
     print(
         f"Ray Data actor pool ({args.actors} actors, {rows} tiles from Parquet): "
         f"{e2e_rate:7.0f} pairs/s = {e2e_rate / cores:.0f} per core on {cores} cores"
