@@ -279,6 +279,9 @@ def decode_batch(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for i, lab in enumerate(batch.get("label", [None] * n)):
         if lab is not None:
             labels[i] = np.frombuffer(lab, dtype=np.uint8).reshape(shape[1], shape[2])
+    for i, cls in enumerate(batch.get("class_id", [None] * n)):
+        if cls is not None and not (isinstance(cls, float) and np.isnan(cls)):
+            labels[i] = int(cls)  # whole-image class: every pixel carries it
     return images, labels
 
 
@@ -314,7 +317,7 @@ class PairMaker:
 
 
 def pair_dataset(
-    path: str,
+    path: str | list[str],
     cfg: PairConfig,
     *,
     actors: int = 2,

@@ -1,0 +1,228 @@
+"""One typed configuration for a training run: a frozen dataclass tree.
+
+Loaded from YAML, overridden with ``--set section.key=value``, sent to Ray workers as a plain
+dict and rebuilt there with the same validation: an unknown key, a missing required key, a wrong
+type or an out-of-range value fails loudly, naming the dotted key and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.pairs import PairConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased as one line naming the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str  # prepared dataset folder (manifest.json + split folders); any pyarrow URI
+    train_splits: tuple[str, ...] = ("train", "unlabelled")  # IID trains without labels
+    eval_split: str = "test"
+    merge: str = ""  # a merge recorded in the manifest, e.g. "potsdam3"; "" keeps the classes
+    batch_size: int = 8  # pairs per worker per step
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    task: Literal["segmentation", "clustering"] = "segmentation"
+    in_channels: int = 3
+    n_clusters_a: int = 24
+    n_clusters_b: int = 3
+    n_subheads: int = 1
+    sobel: Literal["none", "append", "replace"] = "none"
+    trunk: Literal["small", "resnet34"] = "small"  # clustering only
+
+    def __post_init__(self) -> None:
+        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, ">= 1")
+        _check(self.n_clusters_b >= 2, "model.n_clusters_b", self.n_clusters_b, ">= 2")
+        _check(self.n_clusters_a >= 2, "model.n_clusters_a", self.n_clusters_a, ">= 2")
+        _check(self.n_subheads >= 1, "model.n_subheads", self.n_subheads, ">= 1")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    lamb_a: float = 1.0
+    lamb_b: float = 1.0
+    half_window: int = 10
+    collapsed: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.lamb_a > 0, "loss.lamb_a", self.lamb_a, "> 0")
+        _check(self.lamb_b > 0, "loss.lamb_b", self.lamb_b, "> 0")
+        _check(self.half_window >= 0, "loss.half_window", self.half_window, ">= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    epochs: int = 10
+
+    def __post_init__(self) -> None:
+        _check(0 < self.lr < 1, "optim.lr", self.lr, "in (0, 1)")
+        _check(self.epochs >= 1, "optim.epochs", self.epochs, ">= 1")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional: leave CPUs to Ray Data on small machines
+    pair_actors: int = 1
+    pair_cpus: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, ">= 1")
+        _check(self.pair_actors >= 1, "scaling.pair_actors", self.pair_actors, ">= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "iid"  # stable: re-running the same name resumes
+    storage_path: str = "runs"  # checkpoints; shared storage (s3://, NFS) on a cluster
+    tracking_uri: str = ""  # "" -> sqlite:///<cwd>/mlflow.db
+    experiment: str = "iid"
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pairs: PairConfig = field(default_factory=PairConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Config:
+        return _build(cls, d, "")
+
+    def flat(self) -> dict[str, Any]:
+        """``{"loss.lamb_b": 1.5, ...}``: MLflow params."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+
+def _check(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _build(cls: type, d: object, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.name not in d:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing required key")
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], d[f.name], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # range checks of nested configs (PairConfig)
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
+
+
+def _coerce(tp: object, value: object, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = typing.get_args(tp)[0]
+        return tuple(_coerce(inner, v, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a config dict."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        path, raw = item.split("=", 1)
+        parts = path.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, bad YAML, or an invalid value (one line, naming the key).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    try:
+        return Config.from_dict(apply_overrides(raw, list(overrides)))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err

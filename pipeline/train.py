@@ -1,0 +1,364 @@
+"""Distributed IID training with Ray Train: the per-worker loop and the driver around it.
+
+The loop is a plain function of a config dict (Ray calls stay at the seams: dataset shard,
+prepare_model, report with a checkpoint), so the same code runs under ``TorchTrainer`` with any
+number of workers. Each epoch: a pass of overclustering head A with lambda_A, a pass of head B
+with lambda_B (sub-heads averaged), then evaluation of every head-B sub-head on the labelled split
+with confusion counts summed across workers, then a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config, ConfigError
+from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
+from pipeline.metrics import cluster_scores
+from pipeline.models import ClusterNet, SegmentationNet
+from pipeline.pairs import pair_dataset, undo
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN or inf; the last checkpoint stays the last good state."""
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    m = cfg.model
+    if m.task == "segmentation":
+        return SegmentationNet(m.in_channels, m.n_clusters_a, m.n_clusters_b, m.n_subheads, m.sobel)
+    return ClusterNet(m.in_channels, m.n_clusters_a, m.n_clusters_b, m.n_subheads, m.trunk, m.sobel)
+
+
+def label_lut(manifest: dict, merge: str) -> tuple[np.ndarray, list[str]]:
+    """256-entry lookup from stored label ids to evaluated classes, and the class names."""
+    lut = np.full(256, 255, dtype=np.int64)
+    classes = manifest["classes"]
+    if merge:
+        merges = manifest.get("merges", {})
+        if merge not in merges:
+            raise ConfigError(
+                f"data.merge: {merge!r} is not in the manifest (known: {sorted(merges)})"
+            )
+        lut[: len(merges[merge]["map"])] = merges[merge]["map"]
+        return lut, merges[merge]["classes"]
+    lut[: len(classes)] = np.arange(len(classes))
+    return lut, list(classes)
+
+
+# --------------------------------------------------------------------------- the worker loop
+def pair_loss(model, batch: dict, head: str, lamb: float, cfg: Config) -> torch.Tensor:
+    """Mean over sub-heads of the IID loss of one batch of pairs (g* applied for dense maps)."""
+    outs = zip(model(batch["x"], head), model(batch["gx"], head), strict=True)
+    losses = []
+    for p, q in outs:
+        if cfg.model.task == "segmentation":
+            q, _ = undo(q, batch["inverse"])
+            losses.append(
+                iid_segmentation_loss(
+                    p,
+                    q,
+                    batch["mask"],
+                    lamb=lamb,
+                    half_window=cfg.loss.half_window,
+                    collapsed=cfg.loss.collapsed,
+                ).loss
+            )
+        else:
+            losses.append(iid_clustering_loss(p, q, lamb).loss)
+    return torch.stack(losses)
+
+
+def train_epoch_head(
+    model, opt, shard, head: str, lamb: float, cfg: Config, device, epoch: int
+) -> torch.Tensor:
+    """One pass over this worker's shard for one head. Returns summed per-sub-head losses."""
+    totals = torch.zeros(cfg.model.n_subheads, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for step, batch in enumerate(
+        shard.iter_torch_batches(batch_size=cfg.data.batch_size, device=device, drop_last=False)
+    ):
+        with autocast:
+            losses = pair_loss(model, batch, head, lamb, cfg)
+        loss = losses.mean()
+        # One host read per step (also the progress figure): never step on a non-finite loss.
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at epoch {epoch}, head {head}, step {step} "
+                f"(tiles {batch.get('tile_id', '?')}); an all-masked batch also gives NaN"
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        totals += losses.detach()
+    return totals
+
+
+def evaluate(model, shard, cfg: Config, lut: torch.Tensor, n_classes: int, device) -> torch.Tensor:
+    """(sub-heads, K, M) confusion counts of head B on this worker's share of the eval split."""
+    k = cfg.model.n_clusters_b
+    counts = torch.zeros(cfg.model.n_subheads, k * n_classes, dtype=torch.int64, device=device)
+    model.eval()
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=cfg.data.batch_size, device=device):
+            target = lut[batch["label"].long()]
+            if cfg.model.task == "clustering":
+                target = target[:, 0, 0]  # whole images carry one class
+            keep = target != 255
+            for i, p in enumerate(model(batch["x"], "B")):
+                pred = p.argmax(1)
+                flat = pred[keep] * n_classes + target[keep]
+                counts[i] += torch.bincount(flat, minlength=k * n_classes)
+    model.train()
+    return counts.view(cfg.model.n_subheads, k, n_classes)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point; ``config`` is ``Config.to_dict()`` plus ``_lut``, ``_classes``,
+    ``_mlflow`` (tracking URI and run id) added by the driver."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.from_dict({k: v for k, v in config.items() if not k.startswith("_")})
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed + rank)
+
+    # --- model, optimiser, resume -----------------------------------------------------------
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        torch.set_rng_state(state["torch_rng"])
+    # Heads A and B are trained in turns, so each step leaves the other head's weights unused.
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    lut = torch.tensor(config["_lut"], device=device)
+    n_classes = len(config["_classes"])
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval")
+    tracking = _MlflowLogger(config["_mlflow"]) if rank == 0 else None
+
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        # --- train: head A pass, then head B pass ---------------------------------------------
+        train_epoch_head(model, opt, train_shard, "A", cfg.loss.lamb_a, cfg, device, epoch)
+        head_b = _all_reduce(
+            train_epoch_head(model, opt, train_shard, "B", cfg.loss.lamb_b, cfg, device, epoch)
+        )
+        # --- evaluate every head-B sub-head, counts summed over workers --------------------------
+        counts = _all_reduce(evaluate(model, eval_shard, cfg, lut, n_classes, device)).cpu()
+        best = int(head_b.argmin())  # label-free choice: the lowest loss
+        metrics = epoch_metrics(epoch, head_b.cpu(), counts, best)
+        history.append(metrics)
+        # --- checkpoint: rank 0 writes, every worker reports (a barrier) ---------------------
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                raw = model.module if hasattr(model, "module") else model
+                torch.save(
+                    {
+                        "model": raw.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "epoch": epoch,
+                        "history": history,
+                        "config": cfg.to_dict(),
+                        "classes": config["_classes"],
+                        "torch_rng": torch.get_rng_state(),
+                        "counts": counts,
+                    },
+                    Path(tmp) / CHECKPOINT_FILE,
+                )
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+                tracking.log(metrics, epoch)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, counts: torch.Tensor, best: int) -> dict:
+    """Flat metrics of one epoch: the chosen sub-head's scores, every sub-head's, masses."""
+    out = {"epoch": epoch, "best_subhead": best, "loss_b": float(head_b_losses[best])}
+    for i, c in enumerate(counts):
+        if int(c.sum()) == 0:
+            continue
+        s = cluster_scores(c.numpy())
+        out |= {f"acc_sub{i}": s.acc, f"nmi_sub{i}": s.nmi, f"ari_sub{i}": s.ari}
+        if i == best:
+            out |= {"acc": s.acc, "nmi": s.nmi, "ari": s.ari}
+        masses = c.sum(1).double() / max(int(c.sum()), 1)
+        if i == best:
+            out |= {f"mass_{k}": float(m) for k, m in enumerate(masses)}
+    return out
+
+
+class _MlflowLogger:
+    """Plain MLflow calls on world rank 0 (the reliable pattern in Ray Train V2)."""
+
+    def __init__(self, info: dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(info["uri"])
+        self.run_id = info["run_id"]
+
+    def log(self, metrics: dict, epoch: int) -> None:
+        client = self.mlflow.MlflowClient()
+        for key, value in metrics.items():
+            if key != "epoch":
+                client.log_metric(self.run_id, key, float(value), step=epoch)
+
+
+# ------------------------------------------------------------------------------- the driver
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def check_tracking(uri: str) -> None:
+    """Fail before training when the tracking store cannot be reached."""
+    import mlflow
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means "unreachable"
+        raise ConfigError(
+            f"run.tracking_uri: cannot reach MLflow at {uri} ({str(err).splitlines()[0][:200]})"
+        ) from err
+
+
+def check_data(cfg: Config, manifest: dict) -> None:
+    bands = manifest.get("bands")
+    if bands is not None and bands != cfg.model.in_channels:
+        raise ConfigError(
+            f"model.in_channels: {cfg.model.in_channels} bands configured but the "
+            f"shards in {cfg.data.shards} have {bands}"
+        )
+    tile = cfg.pairs.crop or manifest.get("tiling", {}).get("tile")
+    if cfg.model.task == "segmentation" and tile and cfg.loss.half_window >= tile:
+        raise ConfigError(
+            f"loss.half_window: {cfg.loss.half_window} does not fit "
+            f"{tile}-pixel tiles (must be < {tile})"
+        )
+    if manifest["splits"].get(cfg.data.eval_split, {}).get("tiles", 0) == 0:
+        raise ConfigError(
+            f"data.eval_split: no tiles in split {cfg.data.eval_split!r} of {cfg.data.shards}"
+        )
+
+
+def fit(cfg: Config):
+    """Train (or resume) a run; returns the Ray Train result."""
+    import mlflow
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.prepare.shards import read_manifest
+
+    shards = Path(cfg.data.shards)
+    manifest = read_manifest(shards)
+    check_data(cfg, manifest)
+    lut, classes = label_lut(manifest, cfg.data.merge)
+    train_dirs = [
+        str(shards / s)
+        for s in cfg.data.train_splits
+        if manifest["splits"].get(s, {}).get("tiles", 0)
+    ]
+    if not train_dirs:
+        raise ConfigError(
+            f"data.train_splits: no tiles in {list(cfg.data.train_splits)} of {shards}"
+        )
+    uri = cfg.run.tracking_uri or default_tracking_uri()
+    check_tracking(uri)
+    if not ray.is_initialized():
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+
+    # The MLflow run is created here, before any worker starts (SQLite schema races), and
+    # reused when the same run name is trained again.
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    run_id = _mlflow_run(uri, cfg, run_dir)
+
+    keep = ["x", "gx", "inverse", "mask", "label"]
+    train_ds = pair_dataset(
+        train_dirs,
+        cfg.pairs,
+        actors=cfg.scaling.pair_actors,
+        batch_size=cfg.data.batch_size,
+        num_cpus=cfg.scaling.pair_cpus,
+        seed=cfg.run.seed,
+    ).select_columns(keep)
+    eval_pairs = replace(cfg.pairs, crop=0, strength=0.0, flip=False, affine=False)
+    eval_ds = pair_dataset(
+        str(shards / cfg.data.eval_split),
+        eval_pairs,
+        actors=1,
+        batch_size=cfg.data.batch_size,
+        num_cpus=cfg.scaling.pair_cpus,
+    ).select_columns(keep)
+    loop_config = cfg.to_dict() | {
+        "_lut": lut.tolist(),
+        "_classes": classes,
+        "_mlflow": {"uri": uri, "run_id": run_id},
+    }
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=str(Path(cfg.run.storage_path).resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": train_ds, "eval": eval_ds},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "eval"]),
+    )
+    result = trainer.fit()
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.set_tag("status", "finished")
+    return result
+
+
+def _mlflow_run(uri: str, cfg: Config, run_dir: Path) -> str:
+    import mlflow
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker = run_dir / "mlflow_run_id"
+    mlflow.set_tracking_uri(uri)
+    if marker.is_file():
+        return marker.read_text().strip()
+    mlflow.set_experiment(cfg.run.experiment)
+    with mlflow.start_run(run_name=cfg.run.name) as run:
+        mlflow.log_params(cfg.flat())
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text(run.info.run_id)
+    tmp.replace(marker)
+    return run.info.run_id
