@@ -30,6 +30,9 @@ class DataConfig:
     eval_split: str = "test"
     merge: str = ""  # a merge recorded in the manifest, e.g. "potsdam3"; "" keeps the classes
     batch_size: int = 8  # pairs per worker per step
+    # Where g is drawn: "actors" (the Ray Data actor pool; frees the trainer) or "worker"
+    # (make_pairs on the training worker's device: the GPU path, and no pool start-up per pass).
+    pairs_on: Literal["actors", "worker"] = "actors"
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
@@ -44,12 +47,14 @@ class ModelConfig:
     n_subheads: int = 1
     sobel: Literal["none", "append", "replace"] = "none"
     trunk: Literal["small", "resnet34"] = "small"  # clustering only
+    width: float = 1.0  # segmentation trunk channel multiplier (1: the reference)
 
     def __post_init__(self) -> None:
         _check(self.in_channels >= 1, "model.in_channels", self.in_channels, ">= 1")
         _check(self.n_clusters_b >= 2, "model.n_clusters_b", self.n_clusters_b, ">= 2")
         _check(self.n_clusters_a >= 2, "model.n_clusters_a", self.n_clusters_a, ">= 2")
         _check(self.n_subheads >= 1, "model.n_subheads", self.n_subheads, ">= 1")
+        _check(0 < self.width <= 4, "model.width", self.width, "in (0, 4]")
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,7 @@ class SegmentationNet(_TwoHeads):
         n_clusters_b: outputs of head B, the class count.
         n_subheads: independent sub-heads per head.
         sobel: ``"none"``, ``"append"`` (colour + Sobel) or ``"replace"`` (Sobel only).
+        width: channel multiplier of the trunk (1: the reference; 0.25 for CPU demos and tests).
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class SegmentationNet(_TwoHeads):
         n_clusters_b: int = 3,
         n_subheads: int = 1,
         sobel: SobelMode = "none",
+        width: float = 1.0,
     ):
         super().__init__()
         _check_heads(n_clusters_a, n_clusters_b, n_subheads)
@@ -141,6 +143,7 @@ class SegmentationNet(_TwoHeads):
                 layers.append(nn.MaxPool2d(2))
                 continue
             out, dilation = spec if isinstance(spec, tuple) else (spec, 1)
+            out = max(8, round(out * width))
             layers += _conv_bn_relu(c, out, dilation)
             c = out
         self.trunk = nn.Sequential(*layers)

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import replace
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
 from pipeline.metrics import cluster_scores
 from pipeline.models import ClusterNet, SegmentationNet
-from pipeline.pairs import pair_dataset, undo
+from pipeline.pairs import make_pairs, pair_dataset, tile_dataset, undo
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -36,7 +36,9 @@ class NonFiniteLossError(RuntimeError):
 def build_model(cfg: Config) -> torch.nn.Module:
     m = cfg.model
     if m.task == "segmentation":
-        return SegmentationNet(m.in_channels, m.n_clusters_a, m.n_clusters_b, m.n_subheads, m.sobel)
+        return SegmentationNet(
+            m.in_channels, m.n_clusters_a, m.n_clusters_b, m.n_subheads, m.sobel, m.width
+        )
     return ClusterNet(m.in_channels, m.n_clusters_a, m.n_clusters_b, m.n_subheads, m.trunk, m.sobel)
 
 
@@ -80,7 +82,15 @@ def pair_loss(model, batch: dict, head: str, lamb: float, cfg: Config) -> torch.
 
 
 def train_epoch_head(
-    model, opt, shard, head: str, lamb: float, cfg: Config, device, epoch: int
+    model,
+    opt,
+    shard,
+    head: str,
+    lamb: float,
+    cfg: Config,
+    device,
+    epoch: int,
+    gen: torch.Generator,
 ) -> torch.Tensor:
     """One pass over this worker's shard for one head. Returns summed per-sub-head losses."""
     totals = torch.zeros(cfg.model.n_subheads, device=device)
@@ -88,6 +98,8 @@ def train_epoch_head(
     for step, batch in enumerate(
         shard.iter_torch_batches(batch_size=cfg.data.batch_size, device=device, drop_last=False)
     ):
+        if "gx" not in batch:  # pairs drawn here, on the worker's device
+            batch = make_pairs(batch["x"], cfg.pairs, gen) | {"label": batch["label"]}
         with autocast:
             losses = pair_loss(model, batch, head, lamb, cfg)
         loss = losses.mean()
@@ -163,16 +175,25 @@ def train_loop_per_worker(config: dict) -> None:
     eval_shard = ray.train.get_dataset_shard("eval")
     tracking = _MlflowLogger(config["_mlflow"]) if rank == 0 else None
 
+    gen = torch.Generator(device=device)
     for epoch in range(start_epoch, cfg.optim.epochs):
+        gen.manual_seed(cfg.run.seed * 1_000_003 + epoch * 101 + rank)
         # --- train: head A pass, then head B pass ---------------------------------------------
-        train_epoch_head(model, opt, train_shard, "A", cfg.loss.lamb_a, cfg, device, epoch)
-        head_b = _all_reduce(
-            train_epoch_head(model, opt, train_shard, "B", cfg.loss.lamb_b, cfg, device, epoch)
-        )
+        args = (cfg, device, epoch, gen)
+        clock = [time.perf_counter()]
+        train_epoch_head(model, opt, train_shard, "A", cfg.loss.lamb_a, *args)
+        clock.append(time.perf_counter())
+        head_b = _all_reduce(train_epoch_head(model, opt, train_shard, "B", cfg.loss.lamb_b, *args))
+        clock.append(time.perf_counter())
         # --- evaluate every head-B sub-head, counts summed over workers --------------------------
         counts = _all_reduce(evaluate(model, eval_shard, cfg, lut, n_classes, device)).cpu()
+        clock.append(time.perf_counter())
         best = int(head_b.argmin())  # label-free choice: the lowest loss
         metrics = epoch_metrics(epoch, head_b.cpu(), counts, best)
+        metrics |= {
+            f"seconds_{name}": b - a
+            for name, a, b in zip(("head_a", "head_b", "eval"), clock, clock[1:], strict=False)
+        }
         history.append(metrics)
         # --- checkpoint: rank 0 writes, every worker reports (a barrier) ---------------------
         with tempfile.TemporaryDirectory() as tmp:
@@ -239,6 +260,9 @@ def check_tracking(uri: str) -> None:
     """Fail before training when the tracking store cannot be reached."""
     import mlflow
 
+    # One quick attempt: MLflow's default HTTP retries would stall for minutes before failing.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
         mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means "unreachable"
@@ -298,23 +322,27 @@ def fit(cfg: Config):
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_id = _mlflow_run(uri, cfg, run_dir)
 
-    keep = ["x", "gx", "inverse", "mask", "label"]
-    train_ds = pair_dataset(
-        train_dirs,
-        cfg.pairs,
-        actors=cfg.scaling.pair_actors,
-        batch_size=cfg.data.batch_size,
-        num_cpus=cfg.scaling.pair_cpus,
-        seed=cfg.run.seed,
-    ).select_columns(keep)
-    eval_pairs = replace(cfg.pairs, crop=0, strength=0.0, flip=False, affine=False)
-    eval_ds = pair_dataset(
+    if cfg.data.pairs_on == "actors":
+        train_ds = pair_dataset(
+            train_dirs,
+            cfg.pairs,
+            actors=cfg.scaling.pair_actors,
+            batch_size=cfg.data.batch_size,
+            num_cpus=cfg.scaling.pair_cpus,
+            seed=cfg.run.seed,
+        ).select_columns(["x", "gx", "inverse", "mask", "label"])
+    else:
+        train_ds = tile_dataset(
+            train_dirs,
+            crop=cfg.pairs.crop,
+            batch_size=cfg.data.batch_size,
+            num_cpus=cfg.scaling.pair_cpus,
+        )
+    eval_ds = tile_dataset(
         str(shards / cfg.data.eval_split),
-        eval_pairs,
-        actors=1,
         batch_size=cfg.data.batch_size,
         num_cpus=cfg.scaling.pair_cpus,
-    ).select_columns(keep)
+    )
     loop_config = cfg.to_dict() | {
         "_lut": lut.tolist(),
         "_classes": classes,
