@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
+# The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report.
+# Re-running resumes the finished run instead of retraining; `make clean` starts over.
 demo: $(STAMP)
 	$(VENV)/bin/iid prepare synthetic $(DEMO_DIR)/synthetic --no-progress
-	$(VENV)/bin/iid demo --out $(DEMO_DIR)
+	$(VENV)/bin/iid train --config configs/demo.yaml
+	$(VENV)/bin/iid evaluate --model models:/demo/latest --data $(DEMO_DIR)/synthetic/shards
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -31,4 +34,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/pairs.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) mlflow.db .pytest_cache .ruff_cache

@@ -7,6 +7,7 @@ on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -45,11 +46,44 @@ def _train(args: argparse.Namespace) -> int:
         f"sub-head {m.get('best_subhead')} (lowest loss): ACC {m.get('acc', float('nan')):.3f} "
         f"NMI {m.get('nmi', float('nan')):.3f} ARI {m.get('ari', float('nan')):.3f}"
     )
-    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
-    print(
-        f"mlflow: {cfg.run.tracking_uri or 'sqlite:///' + os.path.abspath('mlflow.db')} "
-        f"(mlflow ui --backend-store-uri <that URI>)"
-    )
+    _print_baselines(cfg)
+    report_file = Path(cfg.run.storage_path) / cfg.run.name / "report.json"
+    if report_file.is_file():
+        report = json.loads(report_file.read_text())
+        print(f"checkpoint: {report['checkpoint']}")
+        print(f"plots: {report['plots']}")
+        print(f"model: {report['model_uri']}")
+        print(
+            f"mlflow: run {report['run_id']} in {report['tracking_uri']}\n"
+            f"  browse: mlflow ui --backend-store-uri {report['tracking_uri']}"
+        )
+    return 0
+
+
+def _print_baselines(cfg) -> None:
+    """Baselines recorded in the manifest for this class merge (the generated scene has them)."""
+    from pipeline.prepare.shards import read_manifest
+
+    recorded = read_manifest(Path(cfg.data.shards)).get(f"baselines_{cfg.data.merge}", {})
+    for name, acc in recorded.items():
+        print(f"baseline {name.removesuffix('_acc').replace('_', ' ')}: ACC {acc:.3f}")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import os
+
+    from pipeline.evaluate import evaluate_uri, format_evaluation
+    from pipeline.track import write_plots
+
+    if args.tracking_uri or "MLFLOW_TRACKING_URI" not in os.environ:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    ev, classes, _ = evaluate_uri(args.model, args.data, args.split, args.merge)
+    print(format_evaluation(ev, classes))
+    if args.plots:
+        write_plots(ev, classes, [], Path(args.plots))
+        print(f"plots: {args.plots}")
     return 0
 
 
@@ -217,6 +251,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
     )
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="score a trained model on prepared shards (ACC, NMI, ARI per sub-head)",
+        description="Evaluate head B of a model with Hungarian-matched ACC, NMI and ARI from "
+        "streamed confusion counts; the sub-head with the lowest IID loss on evaluation pairs "
+        "is the model's (label-free) answer.",
+    )
+    ev.add_argument(
+        "--model",
+        required=True,
+        help="a checkpoint (file, checkpoint dir, or run dir: newest checkpoint) or an MLflow "
+        "model URI such as models:/demo/1 or runs:/<run id>/model",
+    )
+    ev.add_argument("--data", required=True, help="prepared shards folder (manifest.json)")
+    ev.add_argument(
+        "--split",
+        action="append",
+        help="split to score (repeatable; default: the model's data.eval_split)",
+    )
+    ev.add_argument(
+        "--merge", default=None, help="class merge, e.g. potsdam3 (default: the model's)"
+    )
+    ev.add_argument("--plots", default="", help="also write joint/confusion/overlay PNGs here")
+    ev.add_argument(
+        "--tracking-uri",
+        default="",
+        help="MLflow store for models:/ URIs (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
+    )
+    ev.set_defaults(func=_evaluate)
 
     prep = sub.add_parser(
         "prepare",

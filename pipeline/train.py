@@ -9,6 +9,7 @@ with confusion counts summed across workers, then a checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,13 +21,13 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, ConfigError
+from pipeline.evaluate import CHECKPOINT_FILE, batch_counts
 from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
 from pipeline.metrics import cluster_scores
 from pipeline.models import ClusterNet, SegmentationNet
 from pipeline.pairs import make_pairs, pair_dataset, tile_dataset, undo
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -126,11 +127,7 @@ def evaluate(model, shard, cfg: Config, lut: torch.Tensor, n_classes: int, devic
             target = lut[batch["label"].long()]
             if cfg.model.task == "clustering":
                 target = target[:, 0, 0]  # whole images carry one class
-            keep = target != 255
-            for i, p in enumerate(model(batch["x"], "B")):
-                pred = p.argmax(1)
-                flat = pred[keep] * n_classes + target[keep]
-                counts[i] += torch.bincount(flat, minlength=k * n_classes)
+            counts += batch_counts(model(batch["x"], "B"), target, n_classes)
     model.train()
     return counts.view(cfg.model.n_subheads, k, n_classes)
 
@@ -152,6 +149,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.run.seed + rank)
+    # As many intra-op threads as CPUs reserved: more would fight the other workers for cores.
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
 
     # --- model, optimiser, resume -----------------------------------------------------------
     model = build_model(cfg)
@@ -190,6 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
         clock.append(time.perf_counter())
         best = int(head_b.argmin())  # label-free choice: the lowest loss
         metrics = epoch_metrics(epoch, head_b.cpu(), counts, best)
+        metrics["start_epoch"] = start_epoch  # > 0 in epochs trained after a resume
         metrics |= {
             f"seconds_{name}": b - a
             for name, a, b in zip(("head_a", "head_b", "eval"), clock, clock[1:], strict=False)
@@ -271,7 +271,7 @@ def check_tracking(uri: str) -> None:
         ) from err
 
 
-def check_data(cfg: Config, manifest: dict) -> None:
+def check_data(cfg: Config, manifest: dict, require_eval: bool = True) -> None:
     bands = manifest.get("bands")
     if bands is not None and bands != cfg.model.in_channels:
         raise ConfigError(
@@ -284,7 +284,7 @@ def check_data(cfg: Config, manifest: dict) -> None:
             f"loss.half_window: {cfg.loss.half_window} does not fit "
             f"{tile}-pixel tiles (must be < {tile})"
         )
-    if manifest["splits"].get(cfg.data.eval_split, {}).get("tiles", 0) == 0:
+    if require_eval and manifest["splits"].get(cfg.data.eval_split, {}).get("tiles", 0) == 0:
         raise ConfigError(
             f"data.eval_split: no tiles in split {cfg.data.eval_split!r} of {cfg.data.shards}"
         )
@@ -294,6 +294,7 @@ def fit(cfg: Config):
     """Train (or resume) a run; returns the Ray Train result."""
     import mlflow
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -315,7 +316,15 @@ def fit(cfg: Config):
     uri = cfg.run.tracking_uri or default_tracking_uri()
     check_tracking(uri)
     if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        # Workers' log lines (Ray Data progress bars, controller notices) reach the terminal
+        # only with -v; a failure still arrives as the exception fit() raises.
+        verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
+        ray.init(
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=verbose,
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
     # The MLflow run is created here, before any worker starts (SQLite schema races), and
     # reused when the same run name is trained again.
@@ -368,11 +377,62 @@ def fit(cfg: Config):
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "eval"]),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise _worker_error(err) from err
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tag("status", "finished")
+    if result.checkpoint is not None:
+        finish_run(cfg, Path(result.checkpoint.path), uri, run_id, lut, classes, run_dir)
     return result
+
+
+def _worker_error(err: Exception) -> RuntimeError:
+    """One line for the user out of Ray's multi-line worker failure report."""
+    failures = getattr(err, "worker_failures", {}) or {}
+    text = "\n".join(str(e) for e in failures.values()) or str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if "NonFiniteLossError" in ln:
+            return NonFiniteLossError(ln.split("NonFiniteLossError:", 1)[-1].strip())
+    errors = [ln for ln in lines if "Error" in ln.split(":")[0]]
+    return RuntimeError(f"training failed: {(errors or lines or ['unknown error'])[-1][:300]}")
+
+
+def finish_run(
+    cfg: Config,
+    checkpoint: Path,
+    uri: str,
+    run_id: str,
+    lut: np.ndarray,
+    classes: list[str],
+    run_dir: Path,
+) -> dict:
+    """Evaluate the final checkpoint on the driver and log plots and the registered model,
+    once per run; the outcome is kept in ``run_dir/report.json`` for the CLI and for users."""
+    import mlflow
+
+    from pipeline.evaluate import evaluate_model, load_checkpoint
+    from pipeline.prepare.shards import write_json_atomic
+    from pipeline.track import REPORT_TAG, log_report
+
+    report_file = run_dir / "report.json"
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    if run.data.tags.get(REPORT_TAG) == "done" and report_file.is_file():
+        return json.loads(report_file.read_text())
+    state = load_checkpoint(checkpoint)
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ev = evaluate_model(
+        model, cfg, cfg.data.shards, [cfg.data.eval_split], lut, len(classes), device=device
+    )
+    report = log_report(uri, run_id, cfg, model, ev, classes, state["history"], run_dir / "plots")
+    report |= ev.summary() | {"checkpoint": str(checkpoint), "tracking_uri": uri}
+    write_json_atomic(report_file, report)
+    return report
 
 
 def _mlflow_run(uri: str, cfg: Config, run_dir: Path) -> str:

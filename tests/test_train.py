@@ -3,9 +3,13 @@ MLflow SQLite store, checkpoints every epoch, and resumes instead of retraining.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -13,10 +17,18 @@ import pytest
 import torch
 
 from pipeline.config import Config, ConfigError
+from pipeline.evaluate import evaluate_uri
 from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.shards import PrepareError
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
-from pipeline.train import CHECKPOINT_FILE, fit
+from pipeline.train import (
+    CHECKPOINT_FILE,
+    NonFiniteLossError,
+    _worker_error,
+    build_model,
+    fit,
+    train_epoch_head,
+)
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
 
@@ -105,11 +117,105 @@ def test_two_workers_train_checkpoint_log_and_resume(shards, tmp_path, ray_clust
     assert run.data.params["loss.lamb_b"] == "1.5" and run.data.tags["status"] == "finished"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [0, 1]
 
-    # Same run name again: resumes from the last checkpoint, nothing is retrained.
+    # The final report: plots as artifacts, eval metrics, a registered pickled model.
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {f"plots/{n}" for n in ("overlays.png", "joint.png", "masses.png")} <= artifacts
+    assert "plots/confusion.png" in artifacts and "plots/confusion.json" in artifacts
+    assert 0 <= client.get_run(run.info.run_id).data.metrics["eval_acc"] <= 1
+    assert [v.version for v in client.search_model_versions("name='t'")] == ["1"]
+
+    # `iid evaluate` on the checkpoint and on the registered model: the same counts.
+    mlflow.set_tracking_uri(cfg.run.tracking_uri)
+    from_ckpt, classes, _ = evaluate_uri(str(tmp_path / "runs" / "t"), shards)
+    from_registry, _, _ = evaluate_uri("models:/t/1", shards)
+    assert classes == ["roads_and_cars", "buildings_and_clutter", "vegetation"]
+    assert (from_ckpt.counts == from_registry.counts).all() and from_ckpt.counts.sum() > 0
+    assert from_ckpt.summary()["eval_acc"] == pytest.approx(
+        client.get_run(run.info.run_id).data.metrics["eval_acc"]
+    )
+
+    # Same run name again: resumes from the last checkpoint, nothing is retrained or re-logged.
     again = fit(cfg)
     assert again.checkpoint.path == result.checkpoint.path
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [0, 1]
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert len(client.search_model_versions("name='t'")) == 1
+
+
+def _kill_one_worker_after_first_checkpoint(run_dir: Path, timeout: float = 300) -> int:
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout
+    while not list(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}")):
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live training worker to kill"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    return workers[-1].pid
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path, ray_cluster):
+    d = config(shards, tmp_path, name="k", max_failures=2).to_dict()
+    d["optim"]["epochs"] = 4
+    cfg = Config.from_dict(d)
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = fit(cfg)
+        except BaseException as err:  # noqa: BLE001 - re-raised on the test thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    _kill_one_worker_after_first_checkpoint(tmp_path / "runs" / "k")
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    state = torch.load(Path(result.checkpoint.path) / CHECKPOINT_FILE, weights_only=False)
+    history = state["history"]
+    # Every epoch exactly once, and the epochs after the kill came from a resumed attempt.
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[0]["start_epoch"] == 0 and history[-1]["start_epoch"] >= 1
+
+
+class _Batches:
+    """The one method of a Ray dataset shard the loop uses, over in-memory batches."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def iter_torch_batches(self, **_):
+        return iter(self.batches)
+
+
+def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
+    cfg = config(shards, tmp_path)
+    model = build_model(cfg)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    batch = {"x": torch.rand(2, 3, 24, 24), "label": torch.zeros(2, 24, 24, dtype=torch.uint8)}
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at epoch 3, head A, step 0"):
+        train_epoch_head(model, opt, _Batches([batch]), "A", 1.0, cfg, torch.device("cpu"), 3, gen)
+    after = list(model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
+
+
+def test_worker_failure_becomes_one_line():
+    from ray.train import WorkerGroupError
+
+    inner = RuntimeError(
+        "Traceback (most recent call last):\n  File x\n"
+        "pipeline.train.NonFiniteLossError: non-finite loss nan at epoch 0, head B, step 7"
+    )
+    err = _worker_error(WorkerGroupError("worker 0 failed", {0: inner}))
+    assert isinstance(err, NonFiniteLossError)
+    assert str(err) == "non-finite loss nan at epoch 0, head B, step 7"
 
 
 @pytest.mark.skipif(IID is None, reason="console script `iid` not installed")

@@ -37,7 +37,10 @@ class SceneSpec:
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Smooth Gaussian noise with unit standard deviation and correlation length ~sigma px."""
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    # Centred, and sigma capped by the scene size: on a small scene a wide filter leaves a
+    # near-constant field whose mean, divided by its tiny spread, would saturate the image.
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), min(sigma, min(shape) / 8))
+    field -= field.mean()
     return field / (field.std() + 1e-9)
 
 

@@ -1,0 +1,221 @@
+"""Quality: IID through the real pipeline against baselines, one table.
+
+Datasets: the generated default scene (Potsdam-3 classes), ../shared/data/potsdam-mini as
+Potsdam-3 and Potsdam-6 (trained on overlapping tiles of the crop without labels, evaluated on
+the whole crop, as the reference does), and scikit-learn's digits (whole-image clustering).
+Methods: IID (``fit`` with 2 Ray Train workers, then ``iid evaluate``'s code on the evaluation
+tiles, sub-head chosen by lowest loss), k-means on pixel colours (raw pixels for digits), and a
+randomly initialised network of the same architecture + k-means on its features.
+
+    python bench/quality.py                          # everything (about 30 min on 2 cores)
+    python bench/quality.py --only digits --epochs-scale 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from pipeline.config import Config
+from pipeline.evaluate import evaluate_uri, iter_tiles
+from pipeline.metrics import cluster_scores
+from pipeline.prepare.clustering import prepare_digits
+from pipeline.prepare.potsdam import prepare_potsdam
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.shards import read_manifest
+from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
+from pipeline.train import build_model, fit, label_lut
+
+ROOT = Path(__file__).resolve().parents[1]
+POTSDAM_MINI = ROOT.parent / "shared" / "data" / "potsdam-mini"
+
+
+def _seg(shards: Path, merge: str, k: int, epochs: int, **over) -> dict:
+    cfg = {
+        "data": {"shards": str(shards), "batch_size": 8, "merge": merge, "pairs_on": "worker"},
+        "model": {"in_channels": 3, "n_clusters_a": 3 * k, "n_clusters_b": k, "n_subheads": 2}
+        | {"width": 0.25},
+        "loss": {"lamb_a": 1.0, "lamb_b": 1.5, "half_window": 5},
+        "optim": {"lr": 1e-3, "epochs": epochs},
+        "pairs": {"crop": 64, "brightness": 0.1, "contrast": 0.1, "saturation": 0.1, "hue": 0.1},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+    }
+    for section, values in over.items():
+        cfg[section] = cfg[section] | values
+    return cfg
+
+
+def synthetic(work: Path, scale: float) -> tuple[dict, Path, list[str]]:
+    out = work / "synthetic"
+    prepare_synthetic(out, TilingOptions(progress=False), SceneSpec(), baselines=False)
+    return _seg(out / "shards", "potsdam3", 3, round(4 * scale)), out / "shards", ["test"]
+
+
+def _potsdam(work: Path, scale: float, merge: str, k: int) -> tuple[dict, Path, list[str]]:
+    if not POTSDAM_MINI.is_dir():
+        raise FileNotFoundError(f"{POTSDAM_MINI} is absent")
+    train, whole = work / "pm-train", work / "pm-whole"
+    if not (whole / "manifest.json").is_file():
+        # Overlapping tiles to train on; the whole crop, tiled once, to evaluate on.
+        opts = {"progress": False, "test_fraction": 0.0}
+        prepare_potsdam(POTSDAM_MINI, train, TilingOptions(tile=128, stride=32, **opts))
+        prepare_potsdam(POTSDAM_MINI, whole, TilingOptions(tile=128, stride=128, **opts))
+    cfg = _seg(train, merge, k, round(8 * scale), data={"eval_split": "train"}, pairs={"crop": 96})
+    return cfg, whole, ["train"]
+
+
+def potsdam3(work: Path, scale: float):
+    return _potsdam(work, scale, "potsdam3", 3)
+
+
+def potsdam6(work: Path, scale: float):
+    return _potsdam(work, scale, "", 6)
+
+
+def digits(work: Path, scale: float) -> tuple[dict, Path, list[str]]:
+    out = work / "digits"
+    prepare_digits(out, TilingOptions(progress=False))
+    cfg = {
+        "data": {"shards": str(out), "batch_size": 100, "pairs_on": "worker"},
+        "model": {"task": "clustering", "in_channels": 1, "n_clusters_a": 50}
+        | {"n_clusters_b": 10, "n_subheads": 5},
+        "loss": {"lamb_a": 1.5, "lamb_b": 1.5},
+        "optim": {"lr": 3e-3, "epochs": round(20 * scale)},
+        # Digits are not mirror-symmetric: no flip; small affine warps and no colour.
+        "pairs": {"flip": False, "affine": True, "rgb_bands": [], "rotation": 15.0}
+        | {"shear": 10.0, "scale": 0.15},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+    }
+    return cfg, out, ["train", "test"]
+
+
+DATASETS: dict[str, Callable] = {
+    "synthetic": synthetic,
+    "potsdam-mini P3": potsdam3,
+    "potsdam-mini P6": potsdam6,
+    "digits": digits,
+}
+
+
+def _eval_arrays(cfg: Config, shards: Path, splits: list[str]):
+    manifest = read_manifest(shards)
+    lut, classes = label_lut(manifest, cfg.data.merge)
+    batches = list(iter_tiles(shards, splits, 256))
+    images = np.concatenate([b[0] for b in batches])
+    labels = lut[np.concatenate([b[1] for b in batches])]
+    return images, labels, len(classes)
+
+
+def _kmeans_scores(feats: np.ndarray, target: np.ndarray, k: int, seed: int = 0) -> tuple:
+    keep = target != 255
+    feats, target = feats[keep], target[keep]
+    rng = np.random.default_rng(seed)
+    fit_on = rng.choice(len(feats), min(len(feats), 100_000), replace=False)
+    km = KMeans(k, n_init=4, random_state=seed).fit(feats[fit_on])
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (km.predict(feats), target), 1)
+    s = cluster_scores(counts)
+    return s.acc, s.nmi, s.ari
+
+
+def baselines(cfg: Config, shards: Path, splits: list[str]) -> list[tuple[str, tuple, float]]:
+    images, labels, k = _eval_arrays(cfg, shards, splits)
+    out = []
+    start = time.perf_counter()
+    if cfg.model.task == "clustering":
+        out.append(
+            (
+                "k-means on pixels",
+                _kmeans_scores(images.reshape(len(images), -1), labels[:, 0, 0], k),
+            )
+        )
+    else:
+        colours = images.transpose(0, 2, 3, 1).reshape(-1, images.shape[1])
+        out.append(("k-means on pixel colours", _kmeans_scores(colours, labels.reshape(-1), k)))
+    t_km = time.perf_counter() - start
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    net = build_model(cfg).eval()
+    with torch.no_grad():
+        feats = torch.cat(
+            [net.features(torch.from_numpy(images[i : i + 16])) for i in range(0, len(images), 16)]
+        ).numpy()
+    if cfg.model.task == "clustering":
+        target = labels[:, 0, 0]
+    else:  # trunk features are at half resolution: compare with every other label pixel
+        h, w = feats.shape[-2:]
+        target = labels[:, : 2 * h : 2, : 2 * w : 2].reshape(-1)
+        feats = feats.transpose(0, 2, 3, 1).reshape(-1, feats.shape[1])
+    out.append(("random network + k-means", _kmeans_scores(feats, target, k)))
+    t_rand = time.perf_counter() - start
+    return [(out[0][0], out[0][1], t_km), (out[1][0], out[1][1], t_rand)]
+
+
+def run_dataset(name: str, work: Path, scale: float) -> tuple[list, dict]:
+    raw, shards, splits = DATASETS[name](work, scale)
+    slug = name.replace(" ", "-").lower()
+    raw["run"] = {
+        "name": slug,
+        "storage_path": str(work / "runs"),
+        "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "experiment": "quality",
+    }
+    cfg = Config.from_dict(raw)
+    rows = [(m, s, t) for m, s, t in baselines(cfg, shards, splits)]
+    start = time.perf_counter()
+    fit(cfg)
+    train_s = time.perf_counter() - start
+    ev, _, _ = evaluate_uri(str(work / "runs" / slug), shards, splits)
+    s = ev.scores[ev.best]
+    rows.insert(0, (f"IID (sub-head {ev.best}, lowest loss)", (s.acc, s.nmi, s.ari), train_s))
+    return rows, raw
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", action="append", choices=list(DATASETS), help="dataset(s) to run")
+    p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every epoch count")
+    p.add_argument("--json", default="", help="also write the table and configs here")
+    args = p.parse_args()
+    import ray
+
+    names = args.only or list(DATASETS)
+    table, configs = [], {}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            try:
+                rows, raw = run_dataset(name, Path(tmp), args.epochs_scale)
+            except FileNotFoundError as err:
+                print(f"skipping {name}: {err}")
+                continue
+            table += [(name, *row) for row in rows]
+            configs[name] = raw
+    ray.shutdown()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    print(f"\n{'dataset':<17}{'method':<36}{'ACC':>7}{'NMI':>7}{'ARI':>7}{'minutes':>9}  command")
+    for name, method, (acc, nmi, ari), seconds in table:
+        print(
+            f"{name:<17}{method:<36}{acc:>7.3f}{nmi:>7.3f}{ari:>7.3f}{seconds / 60:>9.2f}"
+            f"  {command}"
+        )
+    print("goals: potsdam-mini P3 ACC >= 0.80; digits ACC >= 0.95; synthetic well above k-means")
+    for name, raw in configs.items():
+        body = {k: v for k, v in raw.items() if k != "run"}
+        print(f"config {name}: {json.dumps(body, separators=(',', ':'))}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"table": table, "configs": configs}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

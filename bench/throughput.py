@@ -1,0 +1,143 @@
+"""Training throughput: the Ray Train pipeline against a bare single-process PyTorch loop.
+
+Both run the same per-step code (``pipeline.train.train_epoch_head``: pairs drawn with
+``make_pairs``, head A pass then head B pass, Adam) on the same model and the same tiles; the
+bare loop holds the tiles in memory and has no Ray, DDP or Ray Data. Ray's figure is the steady
+state (epochs after the first, from the per-phase timings each epoch reports), and the
+end-to-end wall time including cluster and worker start-up is printed beside it.
+
+    python bench/throughput.py                      # generated scene, demo-sized model
+    python bench/throughput.py --epochs 4 --width 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.evaluate import CHECKPOINT_FILE, iter_tiles
+from pipeline.pairs import random_crops
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
+from pipeline.train import build_model, fit, train_epoch_head
+
+
+def config(shards: Path, work: Path, args, workers: int, name: str) -> Config:
+    return Config.from_dict(
+        {
+            "data": {
+                "shards": str(shards),
+                "batch_size": args.batch,
+                "merge": "potsdam3",
+                "pairs_on": "worker",
+            },
+            "model": {"n_clusters_a": 9, "n_clusters_b": 3, "n_subheads": 2, "width": args.width},
+            "loss": {"lamb_a": 1.0, "lamb_b": 1.5, "half_window": 5},
+            "optim": {"lr": 1e-3, "epochs": args.epochs},
+            "pairs": {"crop": args.crop},
+            "scaling": {"num_workers": workers, "cpus_per_worker": args.cores / workers},
+            "run": {
+                "name": name,
+                "storage_path": str(work / "runs"),
+                "tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+                "experiment": "bench",
+            },
+        }
+    )
+
+
+class InMemoryShard:
+    """The shard interface the loop uses, over tiles held in memory (random crops per pass)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, crop: int, batch: int):
+        self.images, self.labels, self.crop, self.batch = images, labels, crop, batch
+        self.rng = np.random.default_rng(0)
+
+    def iter_torch_batches(self, **_):
+        order = self.rng.permutation(len(self.images))
+        for i in range(0, len(order), self.batch):
+            idx = order[i : i + self.batch]
+            x, y = random_crops(self.images[idx], self.labels[idx], self.crop, self.rng)
+            yield {"x": torch.from_numpy(np.ascontiguousarray(x)), "label": torch.from_numpy(y)}
+
+
+def bare(cfg: Config, shards: Path, threads: int) -> tuple[float, int]:
+    """Pairs per second of the same loop without Ray, after one warm-up epoch."""
+    torch.set_num_threads(threads)
+    tiles = list(iter_tiles(shards, ["train"], 256))
+    images = np.concatenate([t[0] for t in tiles])
+    labels = np.concatenate([t[1] for t in tiles])
+    shard = InMemoryShard(images, labels, cfg.pairs.crop, cfg.data.batch_size)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    gen = torch.Generator().manual_seed(0)
+    dev = torch.device("cpu")
+    seconds = 0.0
+    for epoch in range(cfg.optim.epochs):
+        start = time.perf_counter()
+        for head, lamb in (("A", cfg.loss.lamb_a), ("B", cfg.loss.lamb_b)):
+            train_epoch_head(model, opt, shard, head, lamb, cfg, dev, epoch, gen)
+        if epoch > 0:
+            seconds += time.perf_counter() - start
+    return 2 * len(images) * (cfg.optim.epochs - 1) / seconds, len(images)
+
+
+def with_ray(cfg: Config, n_tiles: int) -> tuple[float, float]:
+    """(steady-state pairs/s from the epochs' own timings, end-to-end pairs/s with start-up)."""
+    start = time.perf_counter()
+    result = fit(cfg)
+    wall = time.perf_counter() - start
+    state = torch.load(Path(result.checkpoint.path) / CHECKPOINT_FILE, weights_only=False)
+    steady = [h["seconds_head_a"] + h["seconds_head_b"] for h in state["history"][1:]]
+    pairs = 2 * n_tiles
+    return pairs * len(steady) / sum(steady), pairs * cfg.optim.epochs / wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run (first one is warm-up)")
+    p.add_argument("--width", type=float, default=0.25, help="model.width")
+    p.add_argument("--crop", type=int, default=64, help="pairs.crop")
+    p.add_argument("--batch", type=int, default=8, help="data.batch_size per worker")
+    p.add_argument("--size", type=int, default=1024, help="generated scene side (pixels)")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores for training")
+    args = p.parse_args()
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        opts = TilingOptions(tile=128, stride=128, progress=False, test_fraction=0.1)
+        prepare_synthetic(work / "data", opts, SceneSpec(size=args.size, seed=3), baselines=False)
+        shards = work / "data" / "shards"
+        cfg1 = config(shards, work, args, 1, "w1")
+        bare_rate, n_tiles = bare(cfg1, shards, args.cores)
+        ray.init(num_cpus=max(4, args.cores), include_dashboard=False, log_to_driver=False)
+        ray1, ray1_wall = with_ray(cfg1, n_tiles)
+        ray2, ray2_wall = with_ray(config(shards, work, args, 2, "w2"), n_tiles)
+        ray.shutdown()
+    print(
+        f"\n{n_tiles} training tiles, crop {args.crop}, batch {args.batch}/worker, "
+        f"width {args.width}, {args.epochs} epochs, {args.cores} cores (torch threads)"
+    )
+    print(f"{'pipeline':<28}{'pairs/s':>10}{'vs bare':>9}{'pairs/s incl. start-up':>25}")
+    print(f"{'bare PyTorch, 1 process':<28}{bare_rate:>10.1f}{1.0:>9.2f}{'':>25}")
+    print(f"{'Ray Train, 1 worker':<28}{ray1:>10.1f}{ray1 / bare_rate:>9.2f}{ray1_wall:>25.1f}")
+    print(
+        f"{'Ray Train, 2 workers (DDP)':<28}{ray2:>10.1f}{ray2 / bare_rate:>9.2f}{ray2_wall:>25.1f}"
+    )
+    print("goal: Ray 1 worker >= 0.9 of bare")
+    print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
+
+
+if __name__ == "__main__":
+    main()

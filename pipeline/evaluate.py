@@ -1,0 +1,263 @@
+"""Evaluation: a trained model against labelled shards, with the field's protocol.
+
+Head B of every sub-head is scored by streamed confusion counts (never all predictions): ACC with
+Hungarian one-to-one matching, NMI, ARI. The model's answer is the sub-head with the lowest IID
+loss on pairs drawn from the evaluation tiles (a label-free choice, as in the paper). The joint
+P(z, z') of that sub-head and a few examples are kept for the plots of ``pipeline.track``.
+
+Runs in one process without Ray: scoring one model fits a laptop, and ``iid evaluate`` then works
+on a checkpoint copied off a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import Config, ConfigError
+from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
+from pipeline.metrics import ClusterScores, cluster_scores
+from pipeline.pairs import decode_batch, make_pairs, undo
+from pipeline.prepare.shards import PrepareError, read_manifest
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation pass found.
+
+    Attributes:
+        counts: (sub-heads, K, M) confusion counts of head B against the M classes.
+        losses: (sub-heads,) mean IID loss of head B on evaluation pairs.
+        joints: (sub-heads, K, K) P(z, z') at zero displacement on those pairs.
+        scores: ACC/NMI/ARI per sub-head (None for a sub-head that saw no labelled pixel).
+        best: the chosen sub-head (lowest loss).
+        examples: up to ``n_examples`` (image (B, H, W), prediction (H, W), label (H, W)).
+    """
+
+    counts: np.ndarray
+    losses: np.ndarray
+    joints: np.ndarray
+    scores: list[ClusterScores | None]
+    best: int
+    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        """Flat ``eval_*`` metrics of the chosen sub-head."""
+        s = self.scores[self.best]
+        out = {"eval_best_subhead": float(self.best), "eval_loss": float(self.losses[self.best])}
+        if s is not None:
+            out |= {"eval_acc": s.acc, "eval_nmi": s.nmi, "eval_ari": s.ari}
+        return out
+
+
+# --------------------------------------------------------------------------------- loading
+def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict of a checkpoint file, a checkpoint directory, or a run directory
+    (its newest ``checkpoint_*``).
+
+    Raises:
+        ConfigError: when no checkpoint is found there.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
+        found = sorted(
+            path.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime
+        )
+        if not found:
+            raise ConfigError(f"--model: no {CHECKPOINT_FILE} in {path} or its checkpoint_* dirs")
+        path = found[-1]
+    elif path.is_dir():
+        path = path / CHECKPOINT_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ConfigError(f"--model: {path} is not a readable checkpoint ({err})") from err
+
+
+def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
+    """A model and its training config from a checkpoint path or an MLflow model URI
+    (``models:/name/3``, ``runs:/<id>/model``; the tracking URI comes from the environment).
+
+    Raises:
+        ConfigError: when the URI names neither, or the model carries no config.
+    """
+    from pipeline.train import build_model
+
+    if Path(uri).exists():
+        state = load_checkpoint(uri)
+        cfg = Config.from_dict(state["config"])
+        model = build_model(cfg)
+        model.load_state_dict(state["model"])
+        return model.eval(), cfg
+    if ":/" not in uri:
+        raise ConfigError(f"--model: {uri!r} is neither a checkpoint path nor an MLflow model URI")
+    import mlflow.pytorch
+
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad URI
+        raise ConfigError(f"--model: cannot load {uri} ({str(err).splitlines()[0][:200]})") from err
+    if not hasattr(model, "iid_config"):
+        raise ConfigError(f"--model: {uri} was not logged by this pipeline (no iid_config)")
+    return model.eval(), Config.from_dict(model.iid_config)
+
+
+# ------------------------------------------------------------------------------ the data
+def iter_tiles(
+    shards: str | Path, splits: Sequence[str], batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) batches read straight from the Parquet shards of ``splits``.
+
+    Raises:
+        PrepareError: when none of the splits has a shard.
+    """
+    files = [f for s in splits for f in sorted((Path(shards) / s).glob("*.parquet"))]
+    if not files:
+        raise PrepareError(f"{shards}: no shards in split(s) {list(splits)}")
+    for f in files:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
+            yield decode_batch(rb.to_pydict())
+
+
+# ---------------------------------------------------------------------------- evaluation
+def batch_counts(probs: Sequence[torch.Tensor], target: torch.Tensor, n_classes: int):
+    """(sub-heads, K*M) confusion counts of one batch; ``target`` 255 where unknown."""
+    keep = target != 255
+    rows = []
+    for p in probs:
+        flat = p.argmax(1)[keep] * n_classes + target[keep]
+        rows.append(torch.bincount(flat, minlength=p.shape[1] * n_classes))
+    return torch.stack(rows)
+
+
+def _pair_terms(model, x: torch.Tensor, cfg: Config, gen: torch.Generator):
+    """Per-sub-head (loss, joint at zero displacement) of head B on pairs of ``x``."""
+    pairs = make_pairs(x, cfg.pairs, gen)
+    out = []
+    for p, q in zip(model(pairs["x"], "B"), model(pairs["gx"], "B"), strict=True):
+        if cfg.model.task == "segmentation":
+            q, _ = undo(q, pairs["inverse"])
+            mask = pairs["mask"].unsqueeze(1).to(p.dtype)
+            joint = torch.einsum("nchw,ndhw->cd", p * mask, q)
+            t = min(cfg.loss.half_window, min(x.shape[-2:]) - 1)
+            loss = iid_segmentation_loss(p, q, pairs["mask"], cfg.loss.lamb_b, t).loss
+        else:
+            joint = p.T @ q
+            loss = iid_clustering_loss(p, q, cfg.loss.lamb_b).loss
+        out.append((loss, joint))
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    cfg: Config,
+    shards: str | Path,
+    splits: Sequence[str],
+    lut: np.ndarray,
+    n_classes: int,
+    n_examples: int = 4,
+    device: str | torch.device = "cpu",
+) -> Evaluation:
+    """Score head B of ``model`` on the tiles of ``splits``.
+
+    Args:
+        model: a SegmentationNet or ClusterNet (probabilities out).
+        cfg: its training config (task, pairs, loss).
+        shards: prepared dataset folder.
+        splits: the splits to score (labels needed; unlabelled pixels are skipped).
+        lut: 256-entry map from stored label ids to evaluated classes (255: ignore).
+        n_classes: evaluated class count M.
+        n_examples: how many (image, prediction, label) examples to keep.
+        device: where to run.
+
+    Returns:
+        The counts, losses, joints, scores and the label-free choice of sub-head.
+    """
+    model = model.to(device).eval()
+    lut_t = torch.as_tensor(lut, device=device)
+    s, k = cfg.model.n_subheads, cfg.model.n_clusters_b
+    counts = torch.zeros(s, k * n_classes, dtype=torch.int64, device=device)
+    joints = torch.zeros(s, k, k, dtype=torch.float64, device=device)
+    loss_sum, batches, examples = torch.zeros(s, device=device), 0, []
+    # A fixed generator: the same model always gets the same pairs, so the choice is stable.
+    gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    for images, labels in iter_tiles(shards, splits, cfg.data.batch_size):
+        x = torch.from_numpy(images).to(device)
+        target = lut_t[torch.from_numpy(labels).to(device).long()]
+        if cfg.model.task == "clustering":
+            target = target[:, 0, 0]
+        probs = model(x, "B")
+        counts += batch_counts(probs, target, n_classes)
+        terms = _pair_terms(model, x, cfg, gen)
+        loss_sum += torch.stack([t[0] for t in terms])
+        joints += torch.stack([t[1] for t in terms]).double()
+        batches += 1
+        for i in range(min(n_examples - len(examples), len(x))):
+            examples.append((images[i], probs, target[i].cpu().numpy(), i))
+    losses = (loss_sum / max(batches, 1)).cpu().numpy()
+    best = int(losses.argmin())
+    # Predictions of the chosen sub-head only, now that it is known.
+    examples = [(img, p[best][i].argmax(0).cpu().numpy(), lab) for img, p, lab, i in examples]
+    counts_np = counts.view(s, k, n_classes).cpu().numpy()
+    scores = [cluster_scores(c) if c.sum() else None for c in counts_np]
+    joints_np = joints.cpu().numpy()
+    joints_np = (joints_np + joints_np.transpose(0, 2, 1)) / 2
+    joints_np /= np.maximum(joints_np.sum(axis=(1, 2), keepdims=True), 1e-12)
+    return Evaluation(counts_np, losses, joints_np, scores, best, examples)
+
+
+def evaluate_uri(
+    uri: str,
+    shards: str | Path,
+    splits: Sequence[str] | None = None,
+    merge: str | None = None,
+    device: str = "cpu",
+) -> tuple[Evaluation, list[str], Config]:
+    """Load a model and evaluate it on prepared shards (``iid evaluate``).
+
+    Args:
+        uri: checkpoint path or MLflow model URI.
+        shards: prepared dataset folder.
+        splits: splits to score; default the config's evaluation split.
+        merge: class merge; default the one the model was trained with.
+        device: where to run.
+
+    Returns:
+        (evaluation, class names, the model's config).
+    """
+    from pipeline.train import check_data, label_lut
+
+    model, cfg = load_model(uri)
+    manifest = read_manifest(Path(shards))
+    cfg = Config.from_dict(
+        cfg.to_dict() | {"data": cfg.to_dict()["data"] | {"shards": str(shards)}}
+    )
+    check_data(cfg, manifest, require_eval=False)
+    lut, classes = label_lut(manifest, cfg.data.merge if merge is None else merge)
+    splits = list(splits or [cfg.data.eval_split])
+    ev = evaluate_model(model, cfg, shards, splits, lut, len(classes), device=device)
+    return ev, classes, cfg
+
+
+def format_evaluation(ev: Evaluation, classes: Sequence[str]) -> str:
+    """A small table: one line per sub-head, the chosen one marked."""
+    lines = [f"classes: {', '.join(classes)}", "sub-head  loss      ACC    NMI    ARI"]
+    for i, s in enumerate(ev.scores):
+        mark = "  <- lowest loss" if i == ev.best else ""
+        if s is None:
+            lines.append(f"{i:>8}  {ev.losses[i]:8.4f}  (no labelled pixels){mark}")
+        else:
+            lines.append(
+                f"{i:>8}  {ev.losses[i]:8.4f}  {s.acc:.3f}  {s.nmi:.3f}  {s.ari:.3f}{mark}"
+            )
+    return "\n".join(lines)
