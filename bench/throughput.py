@@ -55,14 +55,14 @@ def config(shards: Path, work: Path, args, workers: int, name: str) -> Config:
     )
 
 
-class InMemoryShard:
-    """The shard interface the loop uses, over tiles held in memory (random crops per pass)."""
+class InMemoryTiles:
+    """Tiles held in memory, shuffled and randomly cropped every pass."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, crop: int, batch: int):
         self.images, self.labels, self.crop, self.batch = images, labels, crop, batch
         self.rng = np.random.default_rng(0)
 
-    def iter_torch_batches(self, **_):
+    def batches(self):
         order = self.rng.permutation(len(self.images))
         for i in range(0, len(order), self.batch):
             idx = order[i : i + self.batch]
@@ -76,7 +76,7 @@ def bare(cfg: Config, shards: Path, threads: int) -> tuple[float, int]:
     tiles = list(iter_tiles(shards, ["train"], 256))
     images = np.concatenate([t[0] for t in tiles])
     labels = np.concatenate([t[1] for t in tiles])
-    shard = InMemoryShard(images, labels, cfg.pairs.crop, cfg.data.batch_size)
+    tiles = InMemoryTiles(images, labels, cfg.pairs.crop, cfg.data.batch_size)
     torch.manual_seed(0)
     model = build_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
@@ -86,7 +86,7 @@ def bare(cfg: Config, shards: Path, threads: int) -> tuple[float, int]:
     for epoch in range(cfg.optim.epochs):
         start = time.perf_counter()
         for head, lamb in (("A", cfg.loss.lamb_a), ("B", cfg.loss.lamb_b)):
-            train_epoch_head(model, opt, shard, head, lamb, cfg, dev, epoch, gen)
+            train_epoch_head(model, opt, tiles.batches(), head, lamb, cfg, dev, epoch, gen)
         if epoch > 0:
             seconds += time.perf_counter() - start
     return 2 * len(images) * (cfg.optim.epochs - 1) / seconds, len(images)

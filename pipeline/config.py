@@ -33,6 +33,9 @@ class DataConfig:
     # Where g is drawn: "actors" (the Ray Data actor pool; frees the trainer) or "worker"
     # (make_pairs on the training worker's device: the GPU path, and no pool start-up per pass).
     pairs_on: Literal["actors", "worker"] = "actors"
+    # Hold the raw shard rows in Ray's object store for the run (read once) instead of reading
+    # and decoding them again every pass; turn off when the shards exceed the object store.
+    materialize: bool = True
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")

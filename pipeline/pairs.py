@@ -316,30 +316,6 @@ class PairMaker:
         }
 
 
-def decode_tiles(batch: dict[str, np.ndarray], crop: int = 0) -> dict[str, np.ndarray]:
-    """Ray Data task: shard rows -> ``x`` (n, B, H, W) float32 and ``label`` (n, H, W) uint8,
-    randomly cropped to ``crop`` (0: whole tiles). For evaluation, and for training when the
-    pairs are drawn on the training worker (``data.pairs_on: worker``)."""
-    images, labels = decode_batch(batch)
-    images, labels = random_crops(images, labels, crop, np.random.default_rng())
-    return {"x": images, "label": labels}
-
-
-def tile_dataset(
-    path: str | list[str], *, crop: int = 0, batch_size: int = 32, num_cpus: float = 0.5
-):
-    """A Ray Dataset of decoded tiles (stateless tasks, no actor pool)."""
-    import ray.data
-
-    return ray.data.read_parquet(path).map_batches(
-        decode_tiles,
-        fn_kwargs={"crop": crop},
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-    )
-
-
 def pair_dataset(
     path: str | list[str],
     cfg: PairConfig,

@@ -202,16 +202,6 @@ def test_killed_worker_restarts_from_last_checkpoint(shards, tmp_path, ray_clust
     assert history[0]["start_epoch"] == 0 and history[-1]["start_epoch"] >= 1
 
 
-class _Batches:
-    """The one method of a Ray dataset shard the loop uses, over in-memory batches."""
-
-    def __init__(self, batches: list[dict]):
-        self.batches = batches
-
-    def iter_torch_batches(self, **_):
-        return iter(self.batches)
-
-
 def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     cfg = config(shards, tmp_path)
     model = build_model(cfg)
@@ -222,7 +212,7 @@ def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     batch = {"x": torch.rand(2, 3, 24, 24), "label": torch.zeros(2, 24, 24, dtype=torch.uint8)}
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at epoch 3, head A, step 0"):
-        train_epoch_head(model, opt, _Batches([batch]), "A", 1.0, cfg, torch.device("cpu"), 3, gen)
+        train_epoch_head(model, opt, [batch], "A", 1.0, cfg, torch.device("cpu"), 3, gen)
     after = list(model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
 
