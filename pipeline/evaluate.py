@@ -12,6 +12,7 @@ on a checkpoint copied off a cluster.
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +80,7 @@ def load_checkpoint(path: str | Path) -> dict:
         path = path / CHECKPOINT_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as err:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ConfigError(f"--model: {path} is not a readable checkpoint ({err})") from err
 
 

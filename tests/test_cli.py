@@ -36,3 +36,25 @@ def test_unknown_command_fails_with_usage():
     run = subprocess.run([IID, "nonsense"], capture_output=True, text=True)
     assert run.returncode != 0
     assert "invalid choice" in run.stderr
+
+
+@pytest.mark.skipif(IID is None, reason="console script `iid` not installed next to this python")
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("nowhere", "--model: 'nowhere' is neither a checkpoint path nor an MLflow model URI"),
+        ("{tmp}", "--model: no checkpoint.pt in {tmp} or its checkpoint_* dirs"),
+        ("{tmp}/broken.pt", "--model: {tmp}/broken.pt is not a readable checkpoint"),
+    ],
+)
+def test_evaluate_bad_model_is_one_line(tmp_path, model, message):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    model, message = model.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    run = subprocess.run(
+        [IID, "evaluate", "--model", model, "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith(f"iid evaluate: error: {message}")
