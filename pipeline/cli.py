@@ -74,11 +74,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from pipeline.evaluate import evaluate_uri, format_evaluation
     from pipeline.track import write_plots
+    from pipeline.train import default_tracking_uri
 
     if args.tracking_uri or "MLFLOW_TRACKING_URI" not in os.environ:
         import mlflow
 
-        mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+        mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri())
     ev, classes, _ = evaluate_uri(args.model, args.data, args.split, args.merge)
     print(format_evaluation(ev, classes))
     if args.plots:

@@ -11,6 +11,7 @@ on a checkpoint copied off a cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from collections.abc import Iterator, Sequence
@@ -130,6 +131,12 @@ def iter_tiles(
 
 
 # ---------------------------------------------------------------------------- evaluation
+def class_targets(lut: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Evaluated classes of stored labels (255: ignore); one per image for clustering."""
+    target = lut[labels.long()]
+    return target[:, 0, 0] if task == "clustering" else target  # whole images carry one class
+
+
 def batch_counts(probs: Sequence[torch.Tensor], target: torch.Tensor, n_classes: int):
     """(sub-heads, K*M) confusion counts of one batch; ``target`` 255 where unknown."""
     keep = target != 255
@@ -194,9 +201,7 @@ def evaluate_model(
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
     for images, labels in iter_tiles(shards, splits, cfg.data.batch_size):
         x = torch.from_numpy(images).to(device)
-        target = lut_t[torch.from_numpy(labels).to(device).long()]
-        if cfg.model.task == "clustering":
-            target = target[:, 0, 0]
+        target = class_targets(lut_t, torch.from_numpy(labels).to(device), cfg.model.task)
         probs = model(x, "B")
         counts += batch_counts(probs, target, n_classes)
         terms = _pair_terms(model, x, cfg, gen)
@@ -204,11 +209,11 @@ def evaluate_model(
         joints += torch.stack([t[1] for t in terms]).double()
         batches += 1
         for i in range(min(n_examples - len(examples), len(x))):
-            examples.append((images[i], probs, target[i].cpu().numpy(), i))
+            preds = [p[i].argmax(0).cpu().numpy() for p in probs]  # every sub-head's, for now
+            examples.append((images[i], preds, target[i].cpu().numpy()))
     losses = (loss_sum / max(batches, 1)).cpu().numpy()
     best = int(losses.argmin())
-    # Predictions of the chosen sub-head only, now that it is known.
-    examples = [(img, p[best][i].argmax(0).cpu().numpy(), lab) for img, p, lab, i in examples]
+    examples = [(img, preds[best], lab) for img, preds, lab in examples]
     counts_np = counts.view(s, k, n_classes).cpu().numpy()
     scores = [cluster_scores(c) if c.sum() else None for c in counts_np]
     joints_np = joints.cpu().numpy()
@@ -240,9 +245,7 @@ def evaluate_uri(
 
     model, cfg = load_model(uri)
     manifest = read_manifest(Path(shards))
-    cfg = Config.from_dict(
-        cfg.to_dict() | {"data": cfg.to_dict()["data"] | {"shards": str(shards)}}
-    )
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(shards)))
     check_data(cfg, manifest, require_eval=False)
     lut, classes = label_lut(manifest, cfg.data.merge if merge is None else merge)
     splits = list(splits or [cfg.data.eval_split])

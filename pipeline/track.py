@@ -9,7 +9,6 @@ run name. The plots are also written next to the checkpoints so they can be foun
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.evaluate import Evaluation  # noqa: E402
 from pipeline.metrics import hungarian_mapping  # noqa: E402
+from pipeline.prepare.shards import write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 REPORT_TAG = "iid.report"  # set once the final report is logged: a resumed run skips it
@@ -130,9 +130,7 @@ def write_plots(
         tmp.replace(out / name)
         paths.append(out / name)
     counts = {"classes": list(classes), "best_subhead": ev.best, "counts": ev.counts.tolist()}
-    tmp = out / ".confusion.json.tmp"
-    tmp.write_text(json.dumps(counts))
-    tmp.replace(out / "confusion.json")
+    write_json_atomic(out / "confusion.json", counts)
     return paths + [out / "confusion.json"]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config, ConfigError
-from pipeline.evaluate import CHECKPOINT_FILE, batch_counts
+from pipeline.evaluate import CHECKPOINT_FILE, batch_counts, class_targets, load_checkpoint
 from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
 from pipeline.metrics import cluster_scores
 from pipeline.models import ClusterNet, SegmentationNet
@@ -147,9 +147,7 @@ def evaluate(
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            target = lut[batch["label"].long()]
-            if cfg.model.task == "clustering":
-                target = target[:, 0, 0]  # whole images carry one class
+            target = class_targets(lut, batch["label"], cfg.model.task)
             counts += batch_counts(model(batch["x"], "B"), target, n_classes)
     model.train()
     return counts.view(cfg.model.n_subheads, k, n_classes)
@@ -182,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            state = load_checkpoint(d)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
@@ -256,9 +254,8 @@ def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, counts: torch.Tensor,
         s = cluster_scores(c.numpy())
         out |= {f"acc_sub{i}": s.acc, f"nmi_sub{i}": s.nmi, f"ari_sub{i}": s.ari}
         if i == best:
+            masses = c.sum(1).double() / int(c.sum())
             out |= {"acc": s.acc, "nmi": s.nmi, "ari": s.ari}
-        masses = c.sum(1).double() / max(int(c.sum()), 1)
-        if i == best:
             out |= {f"mass_{k}": float(m) for k, m in enumerate(masses)}
     return out
 
@@ -443,7 +440,7 @@ def finish_run(
     once per run; the outcome is kept in ``run_dir/report.json`` for the CLI and for users."""
     import mlflow
 
-    from pipeline.evaluate import evaluate_model, load_checkpoint
+    from pipeline.evaluate import evaluate_model
     from pipeline.prepare.shards import write_json_atomic
     from pipeline.track import REPORT_TAG, log_report
 
