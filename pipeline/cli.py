@@ -12,8 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.prepare.run import BadFilesError
-from pipeline.prepare.shards import PrepareError
+from pipeline.prepare.shards import BadFilesError, PrepareError
 
 log = logging.getLogger("pipeline")
 

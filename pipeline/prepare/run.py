@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from pipeline import IGNORE_INDEX
 from pipeline.prepare.raster import LabelFn, TileGrid, iter_tiles, raster_info
-from pipeline.prepare.shards import PrepareError, ShardWriter, Tile
+from pipeline.prepare.shards import BadFilesError, PrepareError, ShardWriter, Tile
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ class TilingOptions:
             raise PrepareError(f"--downscale must be in (0, 1], got {self.scale}")
         if not 0 <= self.test_fraction < 1:
             raise PrepareError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
-
-
-class BadFilesError(PrepareError):
-    """Some files were skipped; the rest of the dataset was written."""
 
 
 def assign_split(tile: Tile, seed: int, test_fraction: float) -> str:

@@ -56,6 +56,10 @@ class PrepareError(Exception):
     """A problem with one input file or with the output, phrased for the user (one line)."""
 
 
+class BadFilesError(PrepareError):
+    """Some files were skipped; the rest of the dataset was written."""
+
+
 @dataclass
 class Tile:
     """One tile ready to be written (arrays in C x H x W / H x W layout)."""
