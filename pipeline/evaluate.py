@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import Config, ConfigError
-from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
+from pipeline.losses import iid_clustering_loss, iid_segmentation_loss, mutual_information
 from pipeline.metrics import ClusterScores, cluster_scores
-from pipeline.pairs import decode_batch, make_pairs, undo
+from pipeline.pairs import PairConfig, decode_batch, make_pairs, undo
 from pipeline.prepare.shards import PrepareError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,11 @@ class Evaluation:
     def summary(self) -> dict[str, float]:
         """Flat ``eval_*`` metrics of the chosen sub-head."""
         s = self.scores[self.best]
-        out = {"eval_best_subhead": float(self.best), "eval_loss": float(self.losses[self.best])}
+        out = {
+            "eval_best_subhead": float(self.best),
+            "eval_loss": float(self.losses[self.best]),
+            "eval_mi": float(mutual_information(torch.from_numpy(self.joints[self.best]))),
+        }
         if s is not None:
             out |= {"eval_acc": s.acc, "eval_nmi": s.nmi, "eval_ari": s.ari}
         return out
@@ -147,22 +151,38 @@ def batch_counts(probs: Sequence[torch.Tensor], target: torch.Tensor, n_classes:
     return torch.stack(rows)
 
 
-def _pair_terms(model, x: torch.Tensor, cfg: Config, gen: torch.Generator):
-    """Per-sub-head (loss, joint at zero displacement) of head B on pairs of ``x``."""
-    pairs = make_pairs(x, cfg.pairs, gen)
+def paired_views(
+    model, x: torch.Tensor, probs: Sequence[torch.Tensor], pairs: PairConfig, task: str, gen
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Head B on a drawn pair of ``x``, per sub-head ``(p, q, mask)``.
+
+    ``probs`` is head B on ``x`` itself (the first view); ``q`` is head B on g(x), warped back
+    onto x's pixel grid for dense predictions, where ``mask`` marks the pixels seen by both
+    views (None for whole-image clustering).
+    """
+    drawn = make_pairs(x, pairs, gen)
     out = []
-    for p, q in zip(model(pairs["x"], "B"), model(pairs["gx"], "B"), strict=True):
-        if cfg.model.task == "segmentation":
-            q, _ = undo(q, pairs["inverse"])
-            mask = pairs["mask"].unsqueeze(1).to(p.dtype)
-            joint = torch.einsum("nchw,ndhw->cd", p * mask, q)
-            t = min(cfg.loss.half_window, min(x.shape[-2:]) - 1)
-            loss = iid_segmentation_loss(p, q, pairs["mask"], cfg.loss.lamb_b, t).loss
+    for p, q in zip(probs, model(drawn["gx"], "B"), strict=True):
+        if task == "segmentation":
+            q, _ = undo(q, drawn["inverse"])
+            out.append((p, q, drawn["mask"]))
         else:
-            joint = p.T @ q
-            loss = iid_clustering_loss(p, q, cfg.loss.lamb_b).loss
-        out.append((loss, joint))
+            out.append((p, q, None))
     return out
+
+
+def zero_shift_joint(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None):
+    """Unnormalised (K, K) P(z, z') of aligned predictions at zero displacement."""
+    if mask is None:
+        return p.T @ q
+    return torch.einsum("nchw,ndhw->cd", p * mask.unsqueeze(1).to(p.dtype), q)
+
+
+def _view_loss(p, q, mask, cfg: Config) -> torch.Tensor:
+    if mask is None:
+        return iid_clustering_loss(p, q, cfg.loss.lamb_b).loss
+    t = min(cfg.loss.half_window, min(p.shape[-2:]) - 1)
+    return iid_segmentation_loss(p, q, mask, cfg.loss.lamb_b, t).loss
 
 
 @torch.no_grad()
@@ -204,9 +224,9 @@ def evaluate_model(
         target = class_targets(lut_t, torch.from_numpy(labels).to(device), cfg.model.task)
         probs = model(x, "B")
         counts += batch_counts(probs, target, n_classes)
-        terms = _pair_terms(model, x, cfg, gen)
-        loss_sum += torch.stack([t[0] for t in terms])
-        joints += torch.stack([t[1] for t in terms]).double()
+        views = paired_views(model, x, probs, cfg.pairs, cfg.model.task, gen)
+        loss_sum += torch.stack([_view_loss(*v, cfg) for v in views])
+        joints += torch.stack([zero_shift_joint(*v) for v in views]).double()
         batches += 1
         for i in range(min(n_examples - len(examples), len(x))):
             preds = [p[i].argmax(0).cpu().numpy() for p in probs]  # every sub-head's, for now

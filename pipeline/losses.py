@@ -77,6 +77,21 @@ def _symmetrise_normalise(
     return joint, has_mass[..., 0, 0]
 
 
+def mutual_information(joint: torch.Tensor) -> torch.Tensor:
+    """Lambda=1 mutual information (nats) of unnormalised (..., C, C) joints.
+
+    The joints are symmetrised and normalised first, as in the losses; an empty joint gives 0.
+    Used for the label-free model selection of ``pipeline.tune``: unlike ``-I_lambda`` it does
+    not change scale with lambda, so trials with different lambdas can be compared.
+
+    Returns:
+        (...) mutual information, float64.
+    """
+    joint, has_mass = _symmetrise_normalise(joint.double())
+    mi = _mi_terms(joint, 1.0)[1]
+    return torch.where(has_mass, mi, torch.zeros_like(mi))
+
+
 def _loss_dtype(p: torch.Tensor) -> torch.dtype:
     # Logs of tiny probabilities and FFTs need at least fp32, also under bf16 autocast.
     return torch.float64 if p.dtype == torch.float64 else torch.float32

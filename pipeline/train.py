@@ -9,24 +9,40 @@ with confusion counts summed across workers, then a checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.config import Config, ConfigError
-from pipeline.evaluate import CHECKPOINT_FILE, batch_counts, class_targets, load_checkpoint
-from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
+from pipeline.evaluate import (
+    CHECKPOINT_FILE,
+    batch_counts,
+    class_targets,
+    load_checkpoint,
+    paired_views,
+    zero_shift_joint,
+)
+from pipeline.losses import iid_clustering_loss, iid_segmentation_loss, mutual_information
 from pipeline.metrics import cluster_scores
 from pipeline.models import ClusterNet, SegmentationNet
-from pipeline.pairs import decode_batch, make_pairs, pair_dataset, random_crops, undo
+from pipeline.pairs import (
+    PairConfig,
+    decode_batch,
+    make_pairs,
+    pair_dataset,
+    random_crops,
+    undo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +155,35 @@ def train_epoch_head(
 
 
 def evaluate(
-    model, batches: Iterable[dict], cfg: Config, lut: torch.Tensor, n_classes: int, device
-) -> torch.Tensor:
-    """(sub-heads, K, M) confusion counts of head B on this worker's share of the eval split."""
-    k = cfg.model.n_clusters_b
-    counts = torch.zeros(cfg.model.n_subheads, k * n_classes, dtype=torch.int64, device=device)
+    model,
+    batches: Iterable[dict],
+    cfg: Config,
+    lut: torch.Tensor,
+    n_classes: int,
+    device,
+    pairs: PairConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head B on this worker's share of the eval split.
+
+    Returns:
+        (sub-heads, K, M) confusion counts against the classes, and (sub-heads, K, K)
+        unnormalised P(z, z') on pairs drawn with ``pairs``. The pairs come from a fixed seed,
+        so every epoch, and every trial of a search, is scored on the same pairs.
+    """
+    s, k = cfg.model.n_subheads, cfg.model.n_clusters_b
+    counts = torch.zeros(s, k * n_classes, dtype=torch.int64, device=device)
+    joints = torch.zeros(s, k, k, dtype=torch.float64, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
     model.eval()
     with torch.no_grad():
         for batch in batches:
             target = class_targets(lut, batch["label"], cfg.model.task)
-            counts += batch_counts(model(batch["x"], "B"), target, n_classes)
+            probs = model(batch["x"], "B")
+            counts += batch_counts(probs, target, n_classes)
+            views = paired_views(model, batch["x"], probs, pairs, cfg.model.task, gen)
+            joints += torch.stack([zero_shift_joint(*v) for v in views]).double()
     model.train()
-    return counts.view(cfg.model.n_subheads, k, n_classes)
+    return counts.view(s, k, n_classes), joints
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -194,6 +227,8 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     tracking = _MlflowLogger(config["_mlflow"]) if rank == 0 else None
+    # A search scores every trial on pairs of the base config's strength, not the trial's own.
+    eval_pairs = PairConfig(**config["_eval_pairs"]) if "_eval_pairs" in config else cfg.pairs
 
     gen = torch.Generator(device=device)
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -212,10 +247,11 @@ def train_loop_per_worker(config: dict) -> None:
         clock.append(time.perf_counter())
         # --- evaluate every head-B sub-head, counts summed over workers --------------------------
         eval_batches = shard_batches(eval_shard, cfg, device, rng, crop=0)
-        counts = _all_reduce(evaluate(model, eval_batches, cfg, lut, n_classes, device)).cpu()
+        counts, joints = evaluate(model, eval_batches, cfg, lut, n_classes, device, eval_pairs)
+        counts, joints = _all_reduce(counts).cpu(), _all_reduce(joints).cpu()
         clock.append(time.perf_counter())
         best = int(head_b.argmin())  # label-free choice: the lowest loss
-        metrics = epoch_metrics(epoch, head_b.cpu(), counts, best)
+        metrics = epoch_metrics(epoch, head_b.cpu(), counts, mutual_information(joints), best)
         metrics["start_epoch"] = start_epoch  # > 0 in epochs trained after a resume
         metrics |= {
             f"seconds_{name}": b - a
@@ -245,9 +281,22 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
 
-def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, counts: torch.Tensor, best: int) -> dict:
-    """Flat metrics of one epoch: the chosen sub-head's scores, every sub-head's, masses."""
-    out = {"epoch": epoch, "best_subhead": best, "loss_b": float(head_b_losses[best])}
+def epoch_metrics(
+    epoch: int, head_b_losses: torch.Tensor, counts: torch.Tensor, mi: torch.Tensor, best: int
+) -> dict:
+    """Flat metrics of one epoch: the chosen sub-head's scores, every sub-head's, masses.
+
+    ``mi`` (per sub-head) is the lambda=1 mutual information of head B on held-out pairs: the
+    label-free criterion that ranks the trials of a search.
+    """
+    out = {
+        "epoch": epoch,
+        "epochs_done": epoch + 1,
+        "best_subhead": best,
+        "loss_b": float(head_b_losses[best]),
+        "mi": float(mi[best]),
+    }
+    out |= {f"mi_sub{i}": float(v) for i, v in enumerate(mi)}
     for i, c in enumerate(counts):
         if int(c.sum()) == 0:
             continue
@@ -316,14 +365,21 @@ def check_data(cfg: Config, manifest: dict, require_eval: bool = True) -> None:
         )
 
 
-def fit(cfg: Config):
-    """Train (or resume) a run; returns the Ray Train result."""
-    import mlflow
-    import ray
-    import ray.data
-    import ray.train
-    from ray.train.torch import TorchTrainer
+@dataclass(frozen=True)
+class TrainInputs:
+    """What the driver derives from the shards before any worker starts."""
 
+    lut: np.ndarray  # stored label id -> evaluated class
+    classes: list[str]
+    train_dirs: list[str]
+
+
+def training_inputs(cfg: Config) -> TrainInputs:
+    """Check the shards against the config and find the training splits.
+
+    Raises:
+        ConfigError: one line naming the config key and the shards.
+    """
     from pipeline.prepare.shards import read_manifest
 
     shards = Path(cfg.data.shards)
@@ -339,27 +395,55 @@ def fit(cfg: Config):
         raise ConfigError(
             f"data.train_splits: no tiles in {list(cfg.data.train_splits)} of {shards}"
         )
-    uri = cfg.run.tracking_uri or default_tracking_uri()
-    check_tracking(uri)
+    return TrainInputs(lut, classes, train_dirs)
+
+
+def start_ray() -> None:
+    """Join the cluster ``RAY_ADDRESS`` names, or start a local one (the default)."""
+    import ray
+    import ray.data
+
     if not ray.is_initialized():
         # Workers' log lines (Ray Data progress bars, controller notices) reach the terminal
         # only with -v; a failure still arrives as the exception fit() raises.
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
+        local = not os.environ.get("RAY_ADDRESS")
         ray.init(
-            num_cpus=max(4, os.cpu_count() or 1),
+            # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
+            num_cpus=max(4, os.cpu_count() or 1) if local else None,
             include_dashboard=False,
             log_to_driver=verbose,
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
 
-    # The MLflow run is created here, before any worker starts (SQLite schema races), and
-    # reused when the same run name is trained again.
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
-    run_id = _mlflow_run(uri, cfg, run_dir)
+
+def storage_uri(path: str) -> str:
+    """A storage path for Ray: URIs (s3://, gs://) as given, local paths made absolute."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def make_trainer(
+    cfg: Config,
+    inputs: TrainInputs,
+    mlflow_run: dict,
+    callbacks: Sequence = (),
+    eval_pairs: PairConfig | None = None,
+):
+    """The ``TorchTrainer`` of one run: datasets, scaling, storage and failure handling.
+
+    Args:
+        cfg: the run's config (``run.name`` and ``run.storage_path`` locate its checkpoints).
+        inputs: from ``training_inputs``.
+        mlflow_run: ``{"uri": ..., "run_id": ...}`` that rank 0 logs epochs to.
+        callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+        eval_pairs: pairs for the per-epoch MI; default ``cfg.pairs``.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
     if cfg.data.pairs_on == "actors":
         train_ds = pair_dataset(
-            train_dirs,
+            inputs.train_dirs,
             cfg.pairs,
             actors=cfg.scaling.pair_actors,
             batch_size=cfg.data.batch_size,
@@ -367,17 +451,19 @@ def fit(cfg: Config):
             seed=cfg.run.seed,
         ).select_columns(["x", "gx", "inverse", "mask", "label"])
     else:
-        train_ds = _rows(train_dirs, cfg.data.materialize)
-    eval_ds = _rows(str(shards / cfg.data.eval_split), cfg.data.materialize)
+        train_ds = _rows(inputs.train_dirs, cfg.data.materialize)
+    eval_ds = _rows(str(Path(cfg.data.shards) / cfg.data.eval_split), cfg.data.materialize)
     loop_config = cfg.to_dict() | {
-        "_lut": lut.tolist(),
-        "_classes": classes,
-        "_mlflow": {"uri": uri, "run_id": run_id},
+        "_lut": inputs.lut.tolist(),
+        "_classes": inputs.classes,
+        "_mlflow": mlflow_run,
     }
+    if eval_pairs is not None:
+        loop_config["_eval_pairs"] = dataclasses.asdict(eval_pairs)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
@@ -387,13 +473,30 @@ def fit(cfg: Config):
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(Path(cfg.run.storage_path).resolve()),
+            storage_path=storage_uri(cfg.run.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
         datasets={"train": train_ds, "eval": eval_ds},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train", "eval"]),
     )
+
+
+def fit(cfg: Config):
+    """Train (or resume) a run; returns the Ray Train result."""
+    import mlflow
+    import ray.train
+
+    inputs = training_inputs(cfg)
+    uri = cfg.run.tracking_uri or default_tracking_uri()
+    check_tracking(uri)
+    start_ray()
+    # The MLflow run is created here, before any worker starts (SQLite schema races), and
+    # reused when the same run name is trained again.
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    run_id = mlflow_run(uri, cfg, run_dir)
+    trainer = make_trainer(cfg, inputs, {"uri": uri, "run_id": run_id})
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -402,7 +505,9 @@ def fit(cfg: Config):
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tag("status", "finished")
     if result.checkpoint is not None:
-        finish_run(cfg, Path(result.checkpoint.path), uri, run_id, lut, classes, run_dir)
+        finish_run(
+            cfg, Path(result.checkpoint.path), uri, run_id, inputs.lut, inputs.classes, run_dir
+        )
     return result
 
 
@@ -461,18 +566,26 @@ def finish_run(
     return report
 
 
-def _mlflow_run(uri: str, cfg: Config, run_dir: Path) -> str:
+def mlflow_run(uri: str, cfg: Config, run_dir: Path, tags: dict | None = None) -> str:
+    """The MLflow run of ``run_dir``: created once (params = the flat config), then reused.
+
+    The id is kept in ``run_dir/mlflow_run_id``, so resuming a run logs to the same record.
+    """
     import mlflow
+
+    from pipeline.prepare.shards import write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     marker = run_dir / "mlflow_run_id"
     mlflow.set_tracking_uri(uri)
     if marker.is_file():
         return marker.read_text().strip()
-    mlflow.set_experiment(cfg.run.experiment)
-    with mlflow.start_run(run_name=cfg.run.name) as run:
-        mlflow.log_params(cfg.flat())
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(run.info.run_id)
-    tmp.replace(marker)
+    experiment = mlflow.set_experiment(cfg.run.experiment)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment.experiment_id, run_name=cfg.run.name, tags=tags or {})
+    client.log_batch(
+        run.info.run_id,
+        params=[mlflow.entities.Param(k, str(v)) for k, v in cfg.flat().items()],
+    )
+    write_text_atomic(marker, run.info.run_id)
     return run.info.run_id

@@ -321,3 +321,15 @@ def test_loss_does_not_sync_or_raise_on_nan_for_empty_mask_off_cpu():
     mask = torch.empty(2, 8, 8, device="meta")
     out = iid_segmentation_loss(p, p, mask, half_window=2)
     assert out.loss.device.type == "meta"
+
+
+def test_mutual_information_of_known_joints():
+    from pipeline.losses import mutual_information
+
+    k = 4
+    diagonal = torch.eye(k) * 7.0  # z' = z, uniform: I = ln K whatever the scale
+    marginal = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    independent = torch.outer(marginal, marginal)  # symmetric, so symmetrising keeps it so
+    empty = torch.zeros(k, k)
+    mi = mutual_information(torch.stack([diagonal, independent, empty]))
+    assert torch.allclose(mi, torch.tensor([math.log(k), 0.0, 0.0], dtype=torch.float64), atol=1e-6)
