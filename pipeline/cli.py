@@ -59,6 +59,79 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    import os
+
+    from pipeline.config import ConfigError, apply_overrides
+    from pipeline.tune import SearchOptions, format_table, resume_search, run_search
+
+    # Trial progress lines are the point of a long search: shown without -v too.
+    logging.getLogger("pipeline.tune").setLevel(logging.INFO)
+    if args.resume:
+        if args.config or args.space:
+            raise ConfigError("--resume PATH takes no --config or --space (the search keeps them)")
+        outcome = resume_search(args.resume)
+    else:
+        if not (args.config and args.space):
+            raise ConfigError("expected --config FILE and --space FILE, or --resume PATH")
+        overrides = list(args.set or [])
+        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if uri:
+            overrides.append(f"run.tracking_uri={uri}")
+        for key, value in (
+            ("scaling.num_workers", args.workers),
+            ("scaling.cpus_per_worker", args.cpus_per_worker),
+        ):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        if args.gpu:
+            overrides.append("scaling.use_gpu=true")
+        base = _read_yaml(args.config)
+        try:
+            base = apply_overrides(base, overrides)
+        except ConfigError as err:
+            raise ConfigError(f"{args.config}: {err}") from err
+        opts = SearchOptions(
+            name=args.name or f"tune-{Path(args.space).stem}",
+            num_samples=args.num_samples,
+            max_concurrent=args.max_concurrent,
+            metric=args.metric,
+            algorithm=args.search,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+        )
+        space = _read_yaml(args.space)
+        outcome = run_search(base, space, opts, args.space)
+    print(format_table(outcome))
+    if outcome.best_config is not None:
+        print(
+            f"best config: {outcome.best_config}\n"
+            f"  train it: iid train --config {outcome.best_config}"
+        )
+    print(f"trials: {outcome.folder / 'trials.csv'}; plots: {outcome.folder / 'plots'}")
+    print(
+        f"mlflow: parent run {outcome.parent_run_id} in {outcome.tracking_uri}\n"
+        f"  browse: mlflow ui --backend-store-uri {outcome.tracking_uri}"
+    )
+    return 0
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    from pipeline.config import ConfigError
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top, got {type(raw).__name__}")
+    return raw
+
+
 def _print_baselines(cfg) -> None:
     """Baselines recorded in the manifest for this class merge (the generated scene has them)."""
     from pipeline.prepare.shards import read_manifest
@@ -251,6 +324,64 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
     )
     train.set_defaults(func=_train)
+
+    tune = sub.add_parser(
+        "tune",
+        help="search hyperparameters with Ray Tune (ASHA, Optuna), tracked in MLflow",
+        description="Search a space of config values (tune_spaces/*.yaml): every trial is a Ray "
+        "Train run of the config with sampled values; ASHA stops weak trials early. Trials are "
+        "ranked without labels by default (mi: head B's lambda=1 mutual information on held-out "
+        "pairs); ACC/NMI/ARI are logged beside it. Writes trials.csv, plots and "
+        "best_config.yaml under run.storage_path/NAME, and one MLflow parent run with a child "
+        "run per trial. An interrupted search continues with --resume.",
+    )
+    tune.add_argument("--config", help="base YAML config (see configs/)")
+    tune.add_argument("--space", help="search space YAML (see tune_spaces/)")
+    tune.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a base config value"
+    )
+    tune.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue the interrupted search in PATH (run.storage_path/NAME); finished trials "
+        "are kept, unfinished ones resume from their last checkpoint",
+    )
+    tune.add_argument(
+        "--name", help="search name: its folder and MLflow run (default: tune-<space name>)"
+    )
+    tune.add_argument("--num-samples", type=int, default=8, help="trials (default %(default)s)")
+    tune.add_argument(
+        "--max-concurrent", type=int, default=1, help="trials at once (default %(default)s)"
+    )
+    tune.add_argument(
+        "--metric",
+        default="mi",
+        help="ranking: mi (label-free, default), or acc/nmi/ari when the eval split has labels",
+    )
+    tune.add_argument(
+        "--search", default="optuna", help="optuna (TPE, default) or random (needed for grid)"
+    )
+    tune.add_argument(
+        "--grace-period",
+        type=int,
+        default=1,
+        help="epochs before ASHA may stop a trial (default %(default)s)",
+    )
+    tune.add_argument(
+        "--reduction-factor",
+        type=int,
+        default=2,
+        help="ASHA keeps 1/N of the trials at each rung (default %(default)s)",
+    )
+    tune.add_argument("--workers", type=int, help="training workers per trial (scaling)")
+    tune.add_argument("--cpus-per-worker", type=float, help="CPUs per training worker")
+    tune.add_argument("--gpu", action="store_true", help="one GPU per training worker")
+    tune.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
+    )
+    tune.set_defaults(func=_tune)
 
     ev = sub.add_parser(
         "evaluate",

@@ -1,0 +1,262 @@
+"""Searches: a real Ray Tune search over real Ray Train trials, logged to a real MLflow SQLite
+store; interrupted by killing the driver after its first trial and resumed with ``--resume``.
+
+One search serves the end-to-end tests (a trial costs ~50 s of process start-up on 2 cores):
+it is killed once its first trial has finished, resumed, and then read back. Checks that need
+no Ray (options, bad input, summary helpers) run without starting anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.shards import PrepareError
+from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
+from pipeline.tune import (
+    SearchOptions,
+    TrialRow,
+    rank_correlation,
+    resume_search,
+    run_search,
+    write_best_config,
+)
+
+IID = shutil.which("iid", path=str(Path(sys.executable).parent))
+EPOCHS = 2
+SPACE = {
+    "params": {
+        "loss.lamb_b": {"uniform": [1.0, 2.0]},
+        "loss.half_window": {"choice": [2, 3]},
+    }
+}
+
+
+def base_config(shards: Path) -> dict:
+    return {
+        "data": {"shards": str(shards), "batch_size": 8, "merge": "potsdam3", "pairs_on": "worker"},
+        "model": {
+            "in_channels": 3,
+            "n_clusters_a": 5,
+            "n_clusters_b": 3,
+            "n_subheads": 2,
+            "width": 0.125,
+        },
+        "loss": {"lamb_a": 1.0, "lamb_b": 1.5, "half_window": 3},
+        "optim": {"lr": 0.002, "epochs": EPOCHS},
+        "pairs": {"crop": 24},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "run": {"name": "base", "storage_path": "runs", "experiment": "search-test"},
+    }
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tune-data")
+    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.2)
+    prepare_synthetic(out, opts, SceneSpec(size=256, seed=1), baselines=False)
+    return out / "shards"
+
+
+# ------------------------------------------------------------------ without starting Ray
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"metric": "loss"}, "--metric: 'loss' is not one of mi, acc"),
+        ({"algorithm": "hyperopt"}, "--search: 'hyperopt' is not one of optuna, random"),
+        ({"num_samples": 0}, "--num-samples: expected an integer >= 1, got 0"),
+        ({"reduction_factor": 1}, "--reduction-factor: expected an integer >= 2"),
+        ({"name": "a/b"}, "--name: 'a/b' is not a folder name"),
+    ],
+)
+def test_bad_options_are_one_line_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        SearchOptions(**kwargs)
+
+
+def test_bad_searches_fail_before_anything_starts(shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = base_config(shards)
+    grid = {"params": {"loss.lamb_b": {"grid": [1.0, 2.0]}}}
+    with pytest.raises(ConfigError, match="grid dimensions need --search random"):
+        run_search(base, grid, SearchOptions(name="g"), "grid.yaml")
+    bad = {"params": {"loss.lamb_b": {"uniform": [0.0, 2.0]}}}
+    with pytest.raises(ConfigError, match="bad.yaml: .*lamb_b"):
+        run_search(base, bad, SearchOptions(name="b"), "bad.yaml")
+    missing = base | {"data": base["data"] | {"shards": str(tmp_path / "nowhere")}}
+    with pytest.raises(PrepareError, match="nowhere"):
+        run_search(missing, SPACE, SearchOptions(name="m"))
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "search.json").write_text("{}")
+    with pytest.raises(ConfigError, match="a search 'taken' exists .* `iid tune --resume"):
+        run_search(base, SPACE, SearchOptions(name="taken"))
+    with pytest.raises(ConfigError, match="no search.json"):
+        resume_search(tmp_path / "runs" / "elsewhere")
+    assert not list((tmp_path / "runs").glob("*/trials"))
+
+
+def test_rank_correlation_and_best_config_round_trip(shards, tmp_path):
+    rows = [
+        TrialRow(str(i), {"loss.lamb_b": 1.0 + i / 10}, EPOCHS, "done", {"mi": mi, "acc": acc})
+        for i, (mi, acc) in enumerate([(0.1, 0.5), (0.3, 0.6), (0.2, 0.7), (0.4, 0.8)])
+    ]
+    assert rank_correlation(rows, "mi", "acc") == pytest.approx(0.8)
+    assert math.isnan(rank_correlation(rows[:2], "mi", "acc"))  # too few trials to rank
+    record = {
+        "base": base_config(shards),
+        "space": {"params": {"loss.lamb_b": {"uniform": [1.0, 2.0]}}},
+        "options": {"name": "s", "metric": "mi"},
+    }
+    path = write_best_config(record, rows[3], tmp_path / "best.yaml")
+    cfg = load_config(path)  # what `iid train --config` reads
+    assert cfg.loss.lamb_b == pytest.approx(1.3)
+    assert cfg.run.name == "s-best" and cfg.data.shards == str(shards)
+
+
+# ------------------------------------------------------------- a real, interrupted search
+def _wait(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _finished(log: Path) -> list[str]:
+    """Trial ids the driver's progress lines report finished."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [ln.split()[-2] for ln in lines if "pipeline.tune: trial" in ln and "finished" in ln]
+
+
+@pytest.fixture(scope="module")
+def search(shards, tmp_path_factory) -> dict:
+    """``iid tune`` of 3 trials, SIGKILLed (driver and its local Ray cluster) once the first
+    trial has finished, then ``iid tune --resume``."""
+    tmp = tmp_path_factory.mktemp("search")
+    (tmp / "base.yaml").write_text(yaml.safe_dump(base_config(shards)))
+    (tmp / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    env = os.environ | {"RAY_ADDRESS": ""}
+    cmd = [IID, "tune", "--config", "base.yaml", "--space", "space.yaml", "--name", "s"]
+    cmd += ["--num-samples", "3", "--max-concurrent", "1"]
+    trials = tmp / "runs" / "s" / "trials"
+    log = (tmp / "first.log").open("w")
+    first = subprocess.Popen(
+        cmd, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        _wait(lambda: _finished(tmp / "first.log"), 400, "the first trial to finish")
+        finished = {f"s-{trial}" for trial in _finished(tmp / "first.log")}
+        # Give Tune time to save its state with the trial finished (every 2 s).
+        time.sleep(4)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    before = {
+        name: sorted(p.name for p in (trials / name).glob("checkpoint_*")) for name in finished
+    }
+    resumed = subprocess.run(
+        [IID, "tune", "--resume", str(tmp / "runs" / "s")],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return {
+        "tmp": tmp,
+        "folder": tmp / "runs" / "s",
+        "finished_before_kill": finished,
+        "checkpoints_before": before,
+        "stdout": resumed.stdout,
+        "uri": f"sqlite:///{tmp / 'mlflow.db'}",
+    }
+
+
+def test_resumed_search_ends_with_all_trials_and_does_not_rerun_finished_ones(search):
+    rows = list(csv_rows(search["folder"] / "trials.csv"))
+    assert len(rows) == 3
+    assert all(r["status"] in ("done", "stopped early") for r in rows), rows
+    client = mlflow.MlflowClient(search["uri"])
+    for name in search["finished_before_kill"]:
+        run_dir = search["folder"] / "trials" / name
+        # The same checkpoints as before the kill: the trial was not trained again ...
+        after = sorted(p.name for p in run_dir.glob("checkpoint_*"))
+        assert after == search["checkpoints_before"][name]
+        # ... and its MLflow record holds each epoch once.
+        run_id = (run_dir / "mlflow_run_id").read_text().strip()
+        steps = [m.step for m in client.get_metric_history(run_id, "mi")]
+        assert sorted(steps) == list(range(EPOCHS))
+
+
+def csv_rows(path: Path):
+    import csv
+
+    with path.open() as f:
+        yield from csv.DictReader(f)
+
+
+def test_search_is_one_parent_and_a_child_run_per_trial(search):
+    client = mlflow.MlflowClient(search["uri"])
+    experiment = client.get_experiment_by_name("search-test")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("iid.kind") == "search"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials"] == 3
+    assert parent.data.params["space.loss.lamb_b"] == "uniform[1.0, 2.0]"
+    assert parent.data.params["loss.lamb_a"] == "1.0"  # unsearched base values
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_config.yaml", "summary.txt", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/mi_vs_loss.lamb_b.png" in plots and "plots/acc_vs_loss.half_window.png" in plots
+
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3
+    table = {r["trial"]: r for r in csv_rows(search["folder"] / "trials.csv")}
+    for child in children:
+        row = table[child.data.tags["iid.trial_id"]]
+        assert float(child.data.params["loss.lamb_b"]) == pytest.approx(float(row["loss.lamb_b"]))
+        assert child.data.tags["iid.stopped_early"] == str(row["status"] == "stopped early").lower()
+        history = client.get_metric_history(child.info.run_id, "mi")
+        assert len(history) == int(row["epochs"]) >= 1
+        assert child.data.metrics["acc"] == pytest.approx(float(row["acc"]))
+    best = max(table.values(), key=lambda r: float(r["mi"]))
+    assert parent.data.tags["iid.best_trial"] == best["trial"]
+    assert "chosen by mi: trial " + best["trial"] in search["stdout"]
+    assert "rank correlation of mi and acc" in search["stdout"]
+
+
+def test_exported_best_config_trains_unchanged(search):
+    best = search["folder"] / "best_config.yaml"
+    cfg = load_config(best)
+    table = {r["trial"]: r for r in csv_rows(search["folder"] / "trials.csv")}
+    chosen = max(table.values(), key=lambda r: float(r["mi"]))
+    assert cfg.loss.lamb_b == pytest.approx(float(chosen["loss.lamb_b"]))
+    assert cfg.loss.half_window == int(chosen["loss.half_window"])
+    done = subprocess.run(
+        [IID, "train", "--config", str(best)],
+        cwd=search["tmp"],
+        env=os.environ | {"RAY_ADDRESS": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"run s-best: epoch {EPOCHS - 1} of {EPOCHS}" in done.stdout
+    report = json.loads((search["tmp"] / "runs" / "s-best" / "report.json").read_text())
+    assert report["tracking_uri"] == search["uri"]
