@@ -90,6 +90,8 @@ class ScalingConfig:
     cpus_per_worker: float = 0.5  # fractional: leave CPUs to Ray Data on small machines
     pair_actors: int = 1
     pair_cpus: float = 0.5
+    # Ray's placement of the workers: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one per node).
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scaling.num_workers", self.num_workers, ">= 1")

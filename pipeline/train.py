@@ -186,6 +186,18 @@ def evaluate(
     return counts.view(s, k, n_classes), joints
 
 
+def _worker_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every worker, by rank (where the run actually ran)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [node]
+    nodes: list = [None] * world_size
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
@@ -224,6 +236,7 @@ def train_loop_per_worker(config: dict) -> None:
     )
     lut = torch.tensor(config["_lut"], device=device)
     n_classes = len(config["_classes"])
+    nodes = _worker_nodes(ctx.get_world_size())
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
     tracking = _MlflowLogger(config["_mlflow"]) if rank == 0 else None
@@ -253,6 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
         best = int(head_b.argmin())  # label-free choice: the lowest loss
         metrics = epoch_metrics(epoch, head_b.cpu(), counts, mutual_information(joints), best)
         metrics["start_epoch"] = start_epoch  # > 0 in epochs trained after a resume
+        metrics["n_nodes"] = len(set(nodes))
         metrics |= {
             f"seconds_{name}": b - a
             for name, a, b in zip(("head_a", "head_b", "eval"), clock, clock[1:], strict=False)
@@ -273,6 +287,7 @@ def train_loop_per_worker(config: dict) -> None:
                         "classes": config["_classes"],
                         "torch_rng": torch.get_rng_state(),
                         "counts": counts,
+                        "nodes": nodes,  # Ray node id of each worker, by rank
                     },
                     Path(tmp) / CHECKPOINT_FILE,
                 )
@@ -470,6 +485,7 @@ def make_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
