@@ -5,7 +5,7 @@ the half window T and the augmentation strength (``tune_spaces/demo.yaml``) on t
 and the generated scene. Prints the table of trials, the chosen config, its ACC, and Spearman's
 rank correlation between the label-free criterion (mi) and ACC across trials.
 
-    python bench/tune.py                          # 12 trials, 3 epochs each, 2 at a time
+    python bench/tune.py                          # 12 trials, up to 3 epochs each, 1 at a time
     python bench/tune.py --trials 6 --epochs 2
 """
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument("--concurrent", type=int, default=1)
     parser.add_argument("--scene", type=int, default=2048, help="generated scene side (pixels)")
     parser.add_argument("--work", default="", help="working folder (default: a temp folder)")
     args = parser.parse_args()

@@ -532,7 +532,9 @@ def _rows(path: str | list[str], materialize: bool):
     fraction of a second instead of a new read-and-decode pipeline (~5 s on 2 cores)."""
     import ray.data
 
-    ds = ray.data.read_parquet(path)
+    # A quarter CPU per read task: with the workers' reservations (and a stopped Tune trial's
+    # not yet released) a whole CPU may never come free on a small machine, and the read waits.
+    ds = ray.data.read_parquet(path, ray_remote_args={"num_cpus": 0.25})
     return ds.materialize() if materialize else ds
 
 
