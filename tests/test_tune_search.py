@@ -22,6 +22,7 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
 from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.shards import PrepareError
@@ -148,7 +149,8 @@ def search(shards, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("search")
     (tmp / "base.yaml").write_text(yaml.safe_dump(base_config(shards)))
     (tmp / "space.yaml").write_text(yaml.safe_dump(SPACE))
-    env = os.environ | {"RAY_ADDRESS": ""}
+    # Earlier tests' mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: not for this search.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"RAY_ADDRESS": ""}
     cmd = [IID, "tune", "--config", "base.yaml", "--space", "space.yaml", "--name", "s"]
     cmd += ["--num-samples", "3", "--max-concurrent", "1"]
     trials = tmp / "runs" / "s" / "trials"
@@ -241,22 +243,18 @@ def test_search_is_one_parent_and_a_child_run_per_trial(search):
     assert "rank correlation of mi and acc" in search["stdout"]
 
 
-def test_exported_best_config_trains_unchanged(search):
+def test_exported_best_config_trains_unchanged(search, monkeypatch, capsys):
     best = search["folder"] / "best_config.yaml"
     cfg = load_config(best)
     table = {r["trial"]: r for r in csv_rows(search["folder"] / "trials.csv")}
     chosen = max(table.values(), key=lambda r: float(r["mi"]))
     assert cfg.loss.lamb_b == pytest.approx(float(chosen["loss.lamb_b"]))
     assert cfg.loss.half_window == int(chosen["loss.half_window"])
-    done = subprocess.run(
-        [IID, "train", "--config", str(best)],
-        cwd=search["tmp"],
-        env=os.environ | {"RAY_ADDRESS": ""},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert f"run s-best: epoch {EPOCHS - 1} of {EPOCHS}" in done.stdout
+    # `iid train --config best_config.yaml`, in this process (its Ray cluster is already up).
+    monkeypatch.chdir(search["tmp"])  # the base config's relative paths, as the user runs it
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli_main(["train", "--config", str(best)]) == 0
+    out = capsys.readouterr().out
+    assert f"run s-best: epoch {EPOCHS - 1} of {EPOCHS}" in out
     report = json.loads((search["tmp"] / "runs" / "s-best" / "report.json").read_text())
     assert report["tracking_uri"] == search["uri"]
