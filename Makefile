@@ -12,8 +12,7 @@ DEMO_DIR ?= demo-output
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	# pip's notes about absent local mirror folders are noise; real errors still fail the build.
-	# --no-compile: byte-compiling all of torch and ray costs minutes; used modules compile on import.
-	$(VENV)/bin/pip install --quiet --no-compile -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(VENV)/bin/pip install --quiet -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
 # The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report.
