@@ -117,16 +117,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _read_yaml(path: str) -> dict:
-    import yaml
+    from pipeline.config import ConfigError, read_yaml
 
-    from pipeline.config import ConfigError
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    raw = read_yaml(path, "file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top, got {type(raw).__name__}")
     return raw

@@ -219,6 +219,16 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, what: str) -> object:
+    """A YAML file's content; an unreadable file or bad YAML is one ConfigError naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror})") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply overrides, validate.
 
@@ -226,12 +236,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         ConfigError: unreadable file, bad YAML, or an invalid value (one line, naming the key).
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    raw = read_yaml(path, "config") or {}
     try:
         return Config.from_dict(apply_overrides(raw, list(overrides)))
     except ConfigError as err:

@@ -48,7 +48,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline.config import Config, ConfigError, _coerce
+from pipeline.config import Config, ConfigError, _coerce, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +166,7 @@ def parse_space(raw: object, base: dict | None = None, source: str = "space") ->
 def load_space(path: str | Path, base: dict | None = None) -> SearchSpace:
     """Read and validate ``tune_spaces/NAME.yaml``."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read search space ({err.strerror})") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    raw = read_yaml(path, "search space")
     return parse_space(raw, base, str(path))
 
 
