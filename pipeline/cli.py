@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.prepare.shards import BadFilesError, PrepareError
 
 log = logging.getLogger("pipeline")
@@ -46,9 +47,9 @@ def _train(args: argparse.Namespace) -> int:
         f"NMI {m.get('nmi', float('nan')):.3f} ARI {m.get('ari', float('nan')):.3f}"
     )
     _print_baselines(cfg)
-    report_file = Path(cfg.run.storage_path) / cfg.run.name / "report.json"
-    if report_file.is_file():
-        report = json.loads(report_file.read_text())
+    report_file = storage.join(cfg.run.storage_path, cfg.run.name, "report.json")
+    if storage.is_file(report_file):
+        report = json.loads(storage.read_text(report_file))
         print(f"checkpoint: {report['checkpoint']}")
         print(f"plots: {report['plots']}")
         print(f"model: {report['model_uri']}")
@@ -108,7 +109,11 @@ def _tune(args: argparse.Namespace) -> int:
             f"best config: {outcome.best_config}\n"
             f"  train it: iid train --config {outcome.best_config}"
         )
-    print(f"trials: {outcome.folder / 'trials.csv'}; plots: {outcome.folder / 'plots'}")
+    trials, plots = (
+        storage.join(outcome.folder, "trials.csv"),
+        storage.join(outcome.folder, "plots"),
+    )
+    print(f"trials: {trials}; plots: {plots}")
     print(
         f"mlflow: parent run {outcome.parent_run_id} in {outcome.tracking_uri}\n"
         f"  browse: mlflow ui --backend-store-uri {outcome.tracking_uri}"
@@ -129,7 +134,7 @@ def _print_baselines(cfg) -> None:
     """Baselines recorded in the manifest for this class merge (the generated scene has them)."""
     from pipeline.prepare.shards import read_manifest
 
-    recorded = read_manifest(Path(cfg.data.shards)).get(f"baselines_{cfg.data.merge}", {})
+    recorded = read_manifest(cfg.data.shards).get(f"baselines_{cfg.data.merge}", {})
     for name, acc in recorded.items():
         print(f"baseline {name.removesuffix('_acc').replace('_', ' ')}: ACC {acc:.3f}")
 
@@ -539,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (PrepareError, ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
+    except (PrepareError, storage.StorageError, ValueError, OSError, RuntimeError) as err:
         print(f"iid {args.command}: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, BadFilesError) else 2
 

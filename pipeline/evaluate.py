@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.losses import iid_clustering_loss, iid_segmentation_loss, mutual_information
 from pipeline.metrics import ClusterScores, cluster_scores
@@ -68,23 +69,30 @@ class Evaluation:
 # --------------------------------------------------------------------------------- loading
 def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint dict of a checkpoint file, a checkpoint directory, or a run directory
-    (its newest ``checkpoint_*``).
+    (its newest ``checkpoint_*``); local, or a storage URI (``s3://bucket/runs/NAME``).
 
     Raises:
         ConfigError: when no checkpoint is found there.
     """
-    path = Path(path)
-    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
-        found = sorted(
-            path.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), key=lambda p: p.stat().st_mtime
-        )
-        if not found:
-            raise ConfigError(f"--model: no {CHECKPOINT_FILE} in {path} or its checkpoint_* dirs")
-        path = found[-1]
-    elif path.is_dir():
-        path = path / CHECKPOINT_FILE
+    path = str(path)
+    if storage.is_dir(path):
+        if storage.is_file(storage.join(path, CHECKPOINT_FILE)):
+            path = storage.join(path, CHECKPOINT_FILE)
+        else:
+            # Ray Train numbers checkpoints in order: checkpoint_000009 is the newest.
+            found = [
+                storage.join(d, CHECKPOINT_FILE)
+                for d in storage.list_dirs(path, "checkpoint_")
+                if storage.is_file(storage.join(d, CHECKPOINT_FILE))
+            ]
+            if not found:
+                raise ConfigError(
+                    f"--model: no {CHECKPOINT_FILE} in {path} or its checkpoint_* dirs"
+                )
+            path = found[-1]
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with storage.open_input(path) as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ConfigError(f"--model: {path} is not a readable checkpoint ({err})") from err
 
@@ -98,7 +106,7 @@ def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
     """
     from pipeline.train import build_model
 
-    if Path(uri).exists():
+    if storage.is_uri(uri) or Path(uri).exists():
         state = load_checkpoint(uri)
         cfg = Config.from_dict(state["config"])
         model = build_model(cfg)
@@ -126,12 +134,13 @@ def iter_tiles(
     Raises:
         PrepareError: when none of the splits has a shard.
     """
-    files = [f for s in splits for f in sorted((Path(shards) / s).glob("*.parquet"))]
+    files = [f for s in splits for f in storage.list_files(storage.join(shards, s), ".parquet")]
     if not files:
         raise PrepareError(f"{shards}: no shards in split(s) {list(splits)}")
     for f in files:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size):
-            yield decode_batch(rb.to_pydict())
+        with storage.open_input(f) as src:
+            for rb in pq.ParquetFile(src).iter_batches(batch_size=batch_size):
+                yield decode_batch(rb.to_pydict())
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -264,7 +273,7 @@ def evaluate_uri(
     from pipeline.train import check_data, label_lut
 
     model, cfg = load_model(uri)
-    manifest = read_manifest(Path(shards))
+    manifest = read_manifest(shards)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(shards)))
     check_data(cfg, manifest, require_eval=False)
     lut, classes = label_lut(manifest, cfg.data.merge if merge is None else merge)

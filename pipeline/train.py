@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import storage
 from pipeline.config import Config, ConfigError
 from pipeline.evaluate import (
     CHECKPOINT_FILE,
@@ -397,12 +398,12 @@ def training_inputs(cfg: Config) -> TrainInputs:
     """
     from pipeline.prepare.shards import read_manifest
 
-    shards = Path(cfg.data.shards)
+    shards = cfg.data.shards
     manifest = read_manifest(shards)
     check_data(cfg, manifest)
     lut, classes = label_lut(manifest, cfg.data.merge)
     train_dirs = [
-        str(shards / s)
+        storage.absolute(storage.join(shards, s))
         for s in cfg.data.train_splits
         if manifest["splits"].get(s, {}).get("tiles", 0)
     ]
@@ -426,15 +427,13 @@ def start_ray() -> None:
         ray.init(
             # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
             num_cpus=max(4, os.cpu_count() or 1) if local else None,
-            include_dashboard=False,
+            # The dashboard serves the state API: without it Ray Train's placement-group
+            # cleaner cannot see that a Tune trial's controller died, and the trial's CPUs
+            # are never released (the next trial then waits forever on a small machine).
+            include_dashboard=True if local else None,
             log_to_driver=verbose,
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def storage_uri(path: str) -> str:
-    """A storage path for Ray: URIs (s3://, gs://) as given, local paths made absolute."""
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def make_trainer(
@@ -467,7 +466,8 @@ def make_trainer(
         ).select_columns(["x", "gx", "inverse", "mask", "label"])
     else:
         train_ds = _rows(inputs.train_dirs, cfg.data.materialize)
-    eval_ds = _rows(str(Path(cfg.data.shards) / cfg.data.eval_split), cfg.data.materialize)
+    eval_dir = storage.absolute(storage.join(cfg.data.shards, cfg.data.eval_split))
+    eval_ds = _rows(eval_dir, cfg.data.materialize)
     loop_config = cfg.to_dict() | {
         "_lut": inputs.lut.tolist(),
         "_classes": inputs.classes,
@@ -489,7 +489,7 @@ def make_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=storage_uri(cfg.run.storage_path),
+            storage_path=storage.absolute(cfg.run.storage_path),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
@@ -510,7 +510,7 @@ def fit(cfg: Config):
     start_ray()
     # The MLflow run is created here, before any worker starts (SQLite schema races), and
     # reused when the same run name is trained again.
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     run_id = mlflow_run(uri, cfg, run_dir)
     trainer = make_trainer(cfg, inputs, {"uri": uri, "run_id": run_id})
     try:
@@ -521,9 +521,7 @@ def fit(cfg: Config):
     with mlflow.start_run(run_id=run_id):
         mlflow.set_tag("status", "finished")
     if result.checkpoint is not None:
-        finish_run(
-            cfg, Path(result.checkpoint.path), uri, run_id, inputs.lut, inputs.classes, run_dir
-        )
+        finish_run(cfg, result.checkpoint, uri, run_id, inputs.lut, inputs.classes, run_dir)
     return result
 
 
@@ -534,7 +532,7 @@ def _rows(path: str | list[str], materialize: bool):
 
     # A quarter CPU per read task: with the workers' reservations (and a stopped Tune trial's
     # not yet released) a whole CPU may never come free on a small machine, and the read waits.
-    ds = ray.data.read_parquet(path, ray_remote_args={"num_cpus": 0.25})
+    ds = ray.data.read_parquet(path, num_cpus=0.25)
     return ds.materialize() if materialize else ds
 
 
@@ -552,12 +550,12 @@ def _worker_error(err: Exception) -> RuntimeError:
 
 def finish_run(
     cfg: Config,
-    checkpoint: Path,
+    checkpoint,
     uri: str,
     run_id: str,
     lut: np.ndarray,
     classes: list[str],
-    run_dir: Path,
+    run_dir: str,
 ) -> dict:
     """Evaluate the final checkpoint on the driver and log plots and the registered model,
     once per run; the outcome is kept in ``run_dir/report.json`` for the CLI and for users."""
@@ -567,37 +565,41 @@ def finish_run(
     from pipeline.prepare.shards import write_json_atomic
     from pipeline.track import REPORT_TAG, log_report
 
-    report_file = run_dir / "report.json"
+    report_file = storage.join(run_dir, "report.json")
     run = mlflow.MlflowClient(uri).get_run(run_id)
-    if run.data.tags.get(REPORT_TAG) == "done" and report_file.is_file():
-        return json.loads(report_file.read_text())
-    state = load_checkpoint(checkpoint)
+    if run.data.tags.get(REPORT_TAG) == "done" and storage.is_file(report_file):
+        return json.loads(storage.read_text(report_file))
+    # as_directory: the checkpoint itself when local, a download from s3:// or gs://.
+    with checkpoint.as_directory() as local:
+        state = load_checkpoint(local)
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ev = evaluate_model(
         model, cfg, cfg.data.shards, [cfg.data.eval_split], lut, len(classes), device=device
     )
-    report = log_report(uri, run_id, cfg, model, ev, classes, state["history"], run_dir / "plots")
-    report |= ev.summary() | {"checkpoint": str(checkpoint), "tracking_uri": uri}
+    plots = storage.join(run_dir, "plots")
+    with storage.staged_dir(plots) as drawn:
+        report = log_report(uri, run_id, cfg, model, ev, classes, state["history"], drawn)
+    # Where the checkpoint is kept (``checkpoint`` may be a temporary download of it).
+    name = os.path.basename(checkpoint.path.rstrip("/"))
+    kept = storage.join(run_dir, name) if storage.is_uri(run_dir) else checkpoint.path
+    report |= ev.summary() | {"plots": plots, "checkpoint": kept, "tracking_uri": uri}
     write_json_atomic(report_file, report)
     return report
 
 
-def mlflow_run(uri: str, cfg: Config, run_dir: Path, tags: dict | None = None) -> str:
+def mlflow_run(uri: str, cfg: Config, run_dir: str | Path, tags: dict | None = None) -> str:
     """The MLflow run of ``run_dir``: created once (params = the flat config), then reused.
 
     The id is kept in ``run_dir/mlflow_run_id``, so resuming a run logs to the same record.
     """
     import mlflow
 
-    from pipeline.prepare.shards import write_text_atomic
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker = run_dir / "mlflow_run_id"
+    marker = storage.join(run_dir, "mlflow_run_id")
     mlflow.set_tracking_uri(uri)
-    if marker.is_file():
-        return marker.read_text().strip()
+    if storage.is_file(marker):
+        return storage.read_text(marker).strip()
     experiment = mlflow.set_experiment(cfg.run.experiment)
     client = mlflow.MlflowClient(uri)
     run = client.create_run(experiment.experiment_id, run_name=cfg.run.name, tags=tags or {})
@@ -605,5 +607,5 @@ def mlflow_run(uri: str, cfg: Config, run_dir: Path, tags: dict | None = None) -
         run.info.run_id,
         params=[mlflow.entities.Param(k, str(v)) for k, v in cfg.flat().items()],
     )
-    write_text_atomic(marker, run.info.run_id)
+    storage.write_text_atomic(marker, run.info.run_id)
     return run.info.run_id

@@ -48,6 +48,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from pipeline import storage
 from pipeline.config import Config, ConfigError, _coerce, read_yaml
 
 log = logging.getLogger(__name__)
@@ -237,8 +238,8 @@ class SearchOutcome:
     best: TrialRow | None
     metric: str
     spearman: float  # rank correlation of mi and acc across trials (nan without labels)
-    best_config: Path | None
-    folder: Path
+    best_config: str | None  # where best_config.yaml was written (a path or a storage URI)
+    folder: str
     parent_run_id: str
     tracking_uri: str
 
@@ -248,8 +249,8 @@ def _resolved(base: dict, uri: str) -> dict:
     out = {k: dict(v) for k, v in base.items()}
     for section, key in (("data", "shards"), ("run", "storage_path")):
         value = str(out.get(section, {}).get(key, ""))
-        if value and "://" not in value:
-            out[section][key] = str(Path(value).resolve())
+        if value:
+            out[section][key] = storage.absolute(value)
     out.setdefault("run", {})["tracking_uri"] = uri
     return out
 
@@ -288,23 +289,22 @@ def run_search(
         )
     uri = cfg.run.tracking_uri or default_tracking_uri()
     check_tracking(uri)
-    folder = Path(cfg.run.storage_path).resolve() / opts.name
-    if (folder / SEARCH_FILE).exists():
+    folder = storage.join(storage.absolute(cfg.run.storage_path), opts.name)
+    if storage.is_file(storage.join(folder, SEARCH_FILE)):
         raise ConfigError(
             f"--name: a search {opts.name!r} exists in {folder}; continue it with "
             f"`iid tune --resume {folder}` or choose another --name"
         )
-    folder.mkdir(parents=True, exist_ok=True)
     record = {
         "options": dataclasses.asdict(opts),
         "base": base,
         "resolved": _resolved(Config.from_dict(base).to_dict(), uri),
         "space": raw_space,
         "tracking_uri": uri,
-        "folder": str(folder),
+        "folder": folder,
     }
     record["parent_run_id"] = _parent_run(uri, cfg, opts, space, folder, base)
-    write_json_atomic(folder / SEARCH_FILE, record)
+    write_json_atomic(storage.join(folder, SEARCH_FILE), record)
     start_ray()
     _checkpoint_often()
     tuner = ray.tune.Tuner(
@@ -325,7 +325,7 @@ def run_search(
         ),
         run_config=ray.tune.RunConfig(
             name=opts.name,
-            storage_path=str(folder.parent),
+            storage_path=storage.absolute(cfg.run.storage_path),
             callbacks=[Progress()],
             verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=0),
@@ -343,29 +343,29 @@ def resume_search(path: str | Path) -> SearchOutcome:
     """
     from pipeline.train import check_tracking, start_ray
 
-    folder = Path(path).resolve()
+    folder = storage.absolute(str(path).rstrip("/"))
     try:
-        record = json.loads((folder / SEARCH_FILE).read_text())
+        record = json.loads(storage.read_text(storage.join(folder, SEARCH_FILE)))
     except FileNotFoundError as err:
         raise ConfigError(
             f"--resume {path}: no {SEARCH_FILE}; expected the folder `iid tune` printed "
             "(run.storage_path/NAME)"
         ) from err
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{folder / SEARCH_FILE}: not valid JSON ({err.msg})") from err
+        raise ConfigError(f"{folder}/{SEARCH_FILE}: not valid JSON ({err.msg})") from err
     check_tracking(record["tracking_uri"])
-    if not ray.tune.Tuner.can_restore(str(folder)):
+    if not ray.tune.Tuner.can_restore(folder):
         raise ConfigError(f"--resume {path}: no Tune state to restore (did the search start?)")
     start_ray()
     _checkpoint_often()
-    tuner = ray.tune.Tuner.restore(str(folder), _trainable(record), resume_unfinished=True)
+    tuner = ray.tune.Tuner.restore(folder, _trainable(record), resume_unfinished=True)
     return summarise(record, tuner.fit())
 
 
 def _has_labels(cfg: Config) -> bool:
     from pipeline.prepare.shards import read_manifest
 
-    split = read_manifest(Path(cfg.data.shards))["splits"].get(cfg.data.eval_split, {})
+    split = read_manifest(cfg.data.shards)["splits"].get(cfg.data.eval_split, {})
     return sum(split.get("class_pixels", [])) > 0
 
 
@@ -396,7 +396,7 @@ def trial_config(record: dict, sample: dict[str, Any], trial_id: str) -> Config:
     base = {k: dict(v) for k, v in record["resolved"].items()}
     base["run"] |= {
         "name": f"{record['options']['name']}-{trial_id}",
-        "storage_path": str(Path(record["folder"]) / "trials"),
+        "storage_path": storage.join(record["folder"], "trials"),
     }
     space = parse_space(record["space"])
     return space.apply(base, {k: v for k, v in sample.items() if k in base_paths(space)})
@@ -418,7 +418,7 @@ def run_trial(config: dict, search: dict) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # per process
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(search, config, trial_id)
-    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     done = _finished_history(run_dir, cfg.optim.epochs)
     if done:
         # Trained to the end before the search was interrupted: report again, never retrain.
@@ -446,11 +446,11 @@ def run_trial(config: dict, search: dict) -> None:
         raise _worker_error(err) from err
 
 
-def _finished_history(run_dir: Path, epochs: int) -> list[dict]:
+def _finished_history(run_dir: str, epochs: int) -> list[dict]:
     """The epoch history of a trial's newest checkpoint if it reached the last epoch, else []."""
     from pipeline.evaluate import load_checkpoint
 
-    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    checkpoints = storage.list_dirs(run_dir, "checkpoint_")  # names sort by time
     if not checkpoints:
         return []
     try:
@@ -490,7 +490,7 @@ def summarise(record: dict, grid) -> SearchOutcome:
 
     opts = SearchOptions(**record["options"])
     epochs = int(record["resolved"]["optim"]["epochs"])
-    uri, folder = record["tracking_uri"], Path(record["folder"])
+    uri, folder = record["tracking_uri"], record["folder"]
     client = mlflow.MlflowClient(uri)
     children = _child_runs(client, record["parent_run_id"])
     space = parse_space(record["space"])
@@ -501,16 +501,16 @@ def summarise(record: dict, grid) -> SearchOutcome:
     spearman = rank_correlation(rows, "mi", "acc")
     best_config = None
     if best is not None:
-        best_config = write_best_config(record, best, folder / "best_config.yaml")
-    _write_csv(rows, space, folder / "trials.csv")
-    plots = plot_trials(rows, space, folder / "plots")
+        best_config = write_best_config(record, best, storage.join(folder, "best_config.yaml"))
+    _write_csv(rows, space, storage.join(folder, "trials.csv"))
     for row in rows:
         if row.run_id:
             _close_child(client, row)
     outcome = SearchOutcome(
         rows, best, opts.metric, spearman, best_config, folder, record["parent_run_id"], uri
     )
-    _log_parent(client, outcome, space, plots)
+    with storage.staged_dir(storage.join(folder, "plots")) as out:
+        _log_parent(client, outcome, space, plot_trials(rows, space, out))
     return outcome
 
 
@@ -561,7 +561,7 @@ def rank_correlation(rows: list[TrialRow], a: str, b: str) -> float:
     return float(spearmanr(xs, ys).statistic)
 
 
-def write_best_config(record: dict, best: TrialRow, path: Path) -> Path:
+def write_best_config(record: dict, best: TrialRow, path: str | Path) -> str:
     """The user's base config with the best trial's values, as YAML for ``iid train --config``.
 
     Paths stay as the user wrote them; the run gets its own name, so training it does not
@@ -580,10 +580,10 @@ def write_best_config(record: dict, best: TrialRow, path: Path) -> Path:
         f"# Train it: iid train --config {path}\n"
     )
     write_text_atomic(path, header + yaml.safe_dump(plain, sort_keys=False))
-    return path
+    return str(path)
 
 
-def _write_csv(rows: list[TrialRow], space: SearchSpace, path: Path) -> None:
+def _write_csv(rows: list[TrialRow], space: SearchSpace, path: str) -> None:
     from pipeline.prepare.shards import write_text_atomic
 
     buf = io.StringIO()
@@ -680,7 +680,7 @@ def _fmt(v: object) -> str:
 
 # ------------------------------------------------------------------------------ MLflow
 def _parent_run(
-    uri: str, cfg: Config, opts: SearchOptions, space: SearchSpace, folder: Path, base: dict
+    uri: str, cfg: Config, opts: SearchOptions, space: SearchSpace, folder: str, base: dict
 ) -> str:
     """The search's MLflow run: options, the space and the base config's unsearched values."""
     import mlflow
@@ -695,7 +695,7 @@ def _parent_run(
     params = {f"search.{k}": v for k, v in dataclasses.asdict(opts).items()}
     params |= {f"space.{d.path}": f"{d.kind}{list(d.values)}" for d in space.dims}
     params |= {k: v for k, v in cfg.flat().items() if k not in searched}
-    params["search.folder"] = str(folder)
+    params["search.folder"] = folder
     client.log_batch(
         run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()]
     )
@@ -711,8 +711,8 @@ def _close_child(client, row: TrialRow) -> None:
 def _log_parent(client, outcome: SearchOutcome, space: SearchSpace, plots: list[Path]) -> None:
     run_id, folder = outcome.parent_run_id, outcome.folder
     for name in ("trials.csv", "best_config.yaml"):
-        if (folder / name).is_file():
-            client.log_artifact(run_id, str(folder / name))
+        if storage.is_file(storage.join(folder, name)):
+            client.log_text(run_id, storage.read_text(storage.join(folder, name)), name)
     for p in plots:
         client.log_artifact(run_id, str(p), artifact_path="plots")
     client.log_text(run_id, format_table(outcome), "summary.txt")

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import IGNORE_INDEX
+from pipeline.storage import StorageError, join, read_text, write_text_atomic  # noqa: F401
 
 SPLITS = ("train", "test", "unlabelled")
 COMPRESSIONS = ("lz4", "zstd", "snappy", "none")
@@ -268,23 +269,21 @@ class ShardWriter:
         return manifest
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: str | Path, obj: dict) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-def read_manifest(out: Path) -> dict:
-    """Load ``OUT/manifest.json`` with a clear error when it is missing or broken."""
-    path = Path(out) / "manifest.json"
+def read_manifest(out: str | Path) -> dict:
+    """Load ``OUT/manifest.json`` (a local folder or a storage URI) with a clear error when it
+    is missing or broken."""
+    path = join(out, "manifest.json")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except FileNotFoundError as err:
         raise PrepareError(f"{path}: no manifest; run `iid prepare` first") from err
-    except json.JSONDecodeError as err:
-        raise PrepareError(f"{path}: manifest is not valid JSON ({err.msg})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PrepareError(
+            f"{path}: manifest is not valid JSON ({getattr(err, 'msg', err)})"
+        ) from err
+    except StorageError as err:
+        raise PrepareError(str(err)) from err

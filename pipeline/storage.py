@@ -1,0 +1,161 @@
+"""Where shards and runs live: a local path, or any pyarrow filesystem URI.
+
+``data.shards`` and ``run.storage_path`` may name a local folder (on a cluster: one mounted at
+the same path on every node, such as NFS) or a URI that pyarrow opens (``s3://bucket/prefix``,
+``gs://bucket/prefix``, ``hdfs://...``, ``file:///abs/path``). Ray Data and Ray Train open
+URIs themselves; this module is what the driver uses for its own small files (the manifest,
+run markers, reports, search records) and for reading shards without Ray (``iid evaluate``).
+
+A location is kept as a string throughout: ``join`` and ``parent`` work on URIs too, where
+``pathlib`` would collapse ``s3://`` into ``s3:/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+class StorageError(Exception):
+    """A location that cannot be opened, phrased for the user (one line)."""
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for ``scheme://...`` locations; plain and relative paths are local."""
+    return "://" in str(location)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """``base/part/...`` for local paths and URIs alike."""
+    if is_uri(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def absolute(location: str | Path) -> str:
+    """URIs as given, local paths made absolute (Ray workers do not share the driver's cwd)."""
+    return str(location) if is_uri(location) else str(Path(location).resolve())
+
+
+def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of ``location`` and the path inside it.
+
+    Raises:
+        StorageError: an unknown scheme, or a filesystem pyarrow cannot open (no credentials).
+    """
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    try:
+        return pafs.FileSystem.from_uri(str(location))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise StorageError(f"{location}: cannot open this location ({err})") from err
+
+
+def is_file(location: str | Path) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(location: str | Path) -> bool:
+    fs, path = resolve(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_text(location: str | Path) -> str:
+    """The text of a file.
+
+    Raises:
+        FileNotFoundError: when there is no file at ``location``.
+    """
+    fs, path = resolve(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(str(location))
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text_atomic(location: str | Path, text: str) -> None:
+    """Write under a temporary name, then rename: readers never see half a file.
+
+    On object stores a single upload is already all-or-nothing; the rename there is a
+    server-side copy, still never a partial object.
+    """
+    fs, path = resolve(location)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, path)
+
+
+def list_files(location: str | Path, suffix: str = "") -> list[str]:
+    """Files directly under a folder whose names end with ``suffix``, sorted; [] if none."""
+    return _children(location, pafs.FileType.File, lambda name: name.endswith(suffix))
+
+
+def list_dirs(location: str | Path, prefix: str = "") -> list[str]:
+    """Folders directly under a folder whose names start with ``prefix``, sorted."""
+    return _children(location, pafs.FileType.Directory, lambda name: name.startswith(prefix))
+
+
+def _children(location: str | Path, kind: pafs.FileType, keep) -> list[str]:
+    fs, path = resolve(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(
+        join(location, i.base_name) for i in infos if i.type == kind and keep(i.base_name)
+    )
+
+
+def open_input(location: str | Path):
+    """A seekable binary file (what ``pyarrow.parquet.ParquetFile`` and ``torch.load`` read)."""
+    fs, path = resolve(location)
+    return fs.open_input_file(path)
+
+
+@contextlib.contextmanager
+def staged_dir(location: str | Path) -> Iterator[Path]:
+    """A local folder whose files end up in ``location``: the folder itself when local,
+    otherwise a temporary folder uploaded when the block succeeds."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        yield Path(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="iid-"))
+    try:
+        yield tmp
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(
+            str(tmp), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_dir(location: str | Path) -> Iterator[Path]:
+    """A local folder holding ``location``'s files: the folder itself when local, otherwise a
+    temporary download, removed afterwards."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="iid-"))
+    try:
+        pafs.copy_files(
+            path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
