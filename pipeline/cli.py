@@ -545,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (PrepareError, storage.StorageError, ValueError, OSError, RuntimeError) as err:
+        log.info("iid %s failed", args.command, exc_info=True)  # the traceback, with -v
         print(f"iid {args.command}: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, BadFilesError) else 2
 

@@ -47,7 +47,9 @@ def two_nodes(monkeypatch):
     port = _free_port()
     head = {"num_cpus": 2, "include_dashboard": True, "dashboard_port": port}
     cluster = Cluster(initialize_head=True, head_node_args=head)
-    cluster.add_node(num_cpus=2)
+    # Separate machines have separate runtime-env folders; on one host the second node needs its
+    # own, or it deletes the job's unpacked working dir (the driver's cwd) when its workers exit.
+    cluster.add_node(num_cpus=2, runtime_env_dir_name="node2_runtime_resources")
     cluster.wait_for_nodes()
     yield cluster, f"http://127.0.0.1:{port}"
     cluster.shutdown()
