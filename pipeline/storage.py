@@ -117,6 +117,12 @@ def _children(location: str | Path, kind: pafs.FileType, keep) -> list[str]:
     )
 
 
+def size(location: str | Path) -> int:
+    """A file's size in bytes."""
+    fs, path = resolve(location)
+    return fs.get_file_info(path).size or 0
+
+
 def open_input(location: str | Path):
     """A seekable binary file (what ``pyarrow.parquet.ParquetFile`` and ``torch.load`` read)."""
     fs, path = resolve(location)
