@@ -332,7 +332,8 @@ def pair_dataset(
     """
     import ray.data
 
-    return ray.data.read_parquet(path).map_batches(
+    # Read tasks at a quarter CPU too: a whole free CPU may never come on a small machine.
+    return ray.data.read_parquet(path, num_cpus=0.25).map_batches(
         PairMaker,
         fn_constructor_kwargs={"cfg": asdict(cfg), "seed": seed},
         compute=ray.data.ActorPoolStrategy(size=actors),
