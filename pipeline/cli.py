@@ -28,17 +28,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, then the tracking URI of ``--tracking-uri`` or MLFLOW_TRACKING_URI."""
     import os
-
-    from pipeline.config import load_config
-    from pipeline.train import fit
 
     overrides = list(args.set or [])
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri:
         overrides.append(f"run.tracking_uri={uri}")
-    cfg = load_config(args.config, overrides)
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+
+    from pipeline.config import load_config
+    from pipeline.train import fit
+
+    cfg = load_config(args.config, _overrides(args))
     result = fit(cfg)
     m = result.metrics or {}
     print(
@@ -61,7 +67,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    import os
 
     from pipeline.config import ConfigError, apply_overrides
     from pipeline.tune import SearchOptions, format_table, resume_search, run_search
@@ -75,10 +80,7 @@ def _tune(args: argparse.Namespace) -> int:
     else:
         if not (args.config and args.space):
             raise ConfigError("expected --config FILE and --space FILE, or --resume PATH")
-        overrides = list(args.set or [])
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-        if uri:
-            overrides.append(f"run.tracking_uri={uri}")
+        overrides = _overrides(args)
         for key, value in (
             ("scaling.num_workers", args.workers),
             ("scaling.cpus_per_worker", args.cpus_per_worker),
