@@ -118,6 +118,13 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        if self.pairs.repeats > 1 and self.data.pairs_on != "worker":
+            raise ConfigError(
+                f"pairs.repeats: {self.pairs.repeats} needs data.pairs_on: worker "
+                f"(the actor pool makes one pair per image), got {self.data.pairs_on!r}"
+            )
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -37,6 +37,8 @@ class PairConfig:
         rotation, shear: degrees, drawn from [-v, v].
         scale: zoom drawn from [1 - v, 1 + v].
         rgb_bands: indices of the R, G, B bands to jitter; () jitters nothing (e.g. IR-R-G).
+        repeats: pairs drawn from each image per step, each with its own g (the reference's
+            ``num_dataloaders``, 5 for its clustering runs); drawn on the worker only.
     """
 
     crop: int = 0
@@ -51,8 +53,11 @@ class PairConfig:
     shear: float = 10.0
     scale: float = 0.2
     rgb_bands: tuple[int, ...] = (0, 1, 2)
+    repeats: int = 1
 
     def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"pairs.repeats must be >= 1, got {self.repeats!r}")
         if self.strength < 0:
             raise ValueError(f"pairs.strength must be >= 0, got {self.strength!r}")
         if self.crop < 0:

@@ -138,7 +138,11 @@ def train_epoch_head(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     for step, batch in enumerate(batches):
         if "gx" not in batch:  # pairs drawn here, on the worker's device
-            batch = make_pairs(batch["x"], cfg.pairs, gen) | {"label": batch["label"]}
+            x, label = batch["x"], batch["label"]
+            if cfg.pairs.repeats > 1:  # r pairs of each image, each with its own g
+                x = x.repeat(cfg.pairs.repeats, *([1] * (x.ndim - 1)))
+                label = label.repeat(cfg.pairs.repeats, *([1] * (label.ndim - 1)))
+            batch = make_pairs(x, cfg.pairs, gen) | {"label": label}
         with autocast:
             losses = pair_loss(model, batch, head, lamb, cfg)
         loss = losses.mean()

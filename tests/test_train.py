@@ -213,6 +213,23 @@ def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
 
 
+def test_repeats_draw_several_pairs_of_each_image_per_step(shards, tmp_path):
+    d = config(shards, tmp_path).to_dict()
+    d["pairs"]["repeats"] = 3
+    cfg = Config.from_dict(d)
+    model = build_model(cfg)
+    seen: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = {"x": torch.rand(2, 3, 24, 24), "label": torch.zeros(2, 24, 24, dtype=torch.uint8)}
+    gen = torch.Generator().manual_seed(0)
+    train_epoch_head(model, opt, [batch], "B", 1.0, cfg, torch.device("cpu"), 0, gen)
+    x, gx = seen  # one forward for the views, one for their transforms
+    assert x.shape[0] == gx.shape[0] == 6
+    assert torch.equal(x[0], x[2]) and torch.equal(x[0], x[4])  # the same image three times ...
+    assert not torch.equal(gx[0], gx[2])  # ... each with its own g
+
+
 def test_worker_failure_becomes_one_line():
     from ray.train import WorkerGroupError
 
