@@ -92,9 +92,8 @@ def digits(work: Path, scale: float) -> tuple[dict, Path, list[str]]:
         "loss": {"lamb_a": 1.5, "lamb_b": 1.5},
         "optim": {"lr": 3e-3, "epochs": round(20 * scale)},
         # Digits are not mirror-symmetric: no flip; small affine warps and no colour.
-        # 5 pairs of each image per step, each with its own g (the reference's num_dataloaders).
         "pairs": {"flip": False, "affine": True, "rgb_bands": [], "rotation": 15.0}
-        | {"shear": 10.0, "scale": 0.15, "repeats": 5},
+        | {"shear": 10.0, "scale": 0.15},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
     }
     return cfg, out, ["train", "test"]
