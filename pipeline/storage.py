@@ -147,21 +147,3 @@ def staged_dir(location: str | Path) -> Iterator[Path]:
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def local_dir(location: str | Path) -> Iterator[Path]:
-    """A local folder holding ``location``'s files: the folder itself when local, otherwise a
-    temporary download, removed afterwards."""
-    fs, path = resolve(location)
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield Path(path)
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="iid-"))
-    try:
-        pafs.copy_files(
-            path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
