@@ -1,11 +1,12 @@
 """Training pairs (x, g(x)) and what is needed to undo g, on CPU actors or on a GPU.
 
 g is: colour jitter (brightness, contrast, saturation, hue in HSV; only on the RGB bands, never on
-infrared), then an optional random affine (rotation, shear, scale), then a horizontal flip with
-probability 0.5. One ``strength`` knob scales every jitter and affine range (0 turns g into
-flips only). The spatial part is one 2x3 matrix per pair in ``affine_grid`` coordinates; the
-pair carries its inverse, and ``undo`` warps the second view's prediction back into the first
-view's frame (bilinear, zero padding) with the mask of pixels that stayed inside.
+infrared), then an optional random affine (rotation, shear, scale, shift), then a horizontal flip
+with probability 0.5, then optional Gaussian pixel noise. One ``strength`` knob scales every
+jitter, affine and noise range (0 turns g into flips only). The spatial part is one 2x3 matrix
+per pair in ``affine_grid`` coordinates; the pair carries its inverse, and ``undo`` warps the
+second view's prediction back into the first view's frame (bilinear, zero padding) with the
+mask of pixels that stayed inside.
 
 ``make_pairs`` is plain torch on whatever device its input is on: ``PairMaker`` runs it in Ray
 Data actors on CPU, and the trainer may run it on GPU tensors instead.
@@ -33,9 +34,14 @@ class PairConfig:
         brightness, contrast, saturation: factors drawn from [1 - v, 1 + v].
         hue: hue shift drawn from [-v, v] (in turns).
         flip: horizontal flip with probability 0.5.
-        affine: random rotation / shear / scale.
+        affine: random rotation / shear / scale / shift.
         rotation, shear: degrees, drawn from [-v, v].
         scale: zoom drawn from [1 - v, 1 + v].
+        shift: translation along each axis drawn from [-v, v], as a fraction of half the tile
+            side (``affine_grid`` units: 0.1 moves a 200 px tile by up to 10 px).
+        noise: standard deviation of Gaussian noise added to every band of the second view
+            (values in [0, 1]; not clamped), which stops a clustering net from matching the
+            two views on exact pixel values.
         rgb_bands: indices of the R, G, B bands to jitter; () jitters nothing (e.g. IR-R-G).
         repeats: pairs drawn from each image per step, each with its own g (the reference's
             ``num_dataloaders``, 5 for its clustering runs); drawn on the worker only.
@@ -52,6 +58,8 @@ class PairConfig:
     rotation: float = 30.0
     shear: float = 10.0
     scale: float = 0.2
+    shift: float = 0.0
+    noise: float = 0.0
     rgb_bands: tuple[int, ...] = (0, 1, 2)
     repeats: int = 1
 
@@ -60,6 +68,10 @@ class PairConfig:
             raise ValueError(f"pairs.repeats must be >= 1, got {self.repeats!r}")
         if self.strength < 0:
             raise ValueError(f"pairs.strength must be >= 0, got {self.strength!r}")
+        if self.shift < 0 or self.noise < 0:
+            raise ValueError(
+                f"pairs.shift and pairs.noise must be >= 0, got {self.shift!r}, {self.noise!r}"
+            )
         if self.crop < 0:
             raise ValueError(f"pairs.crop must be >= 0, got {self.crop!r}")
         if len(self.rgb_bands) not in (0, 3):
@@ -151,10 +163,13 @@ def spatial_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> t
         shearing[:, 0, 1] = shear.tan()
         # grid_sample reads the input at M @ p: reading at p / zoom magnifies by `zoom`.
         m = rotation @ shearing / zoom.view(n, 1, 1)
+    t = torch.zeros(n, 2, 1, device=device)
+    if cfg.affine and s * cfg.shift > 0:
+        t = _uniform(2 * n, -s * cfg.shift, s * cfg.shift, gen, device).view(n, 2, 1)
     if cfg.flip:
         flips = torch.rand(n, generator=gen, device=device) < 0.5
         m[:, :, 0] = torch.where(flips[:, None], -m[:, :, 0], m[:, :, 0])
-    return torch.cat([m, torch.zeros(n, 2, 1, device=device)], dim=2)
+    return torch.cat([m, t], dim=2)
 
 
 def invert(theta: torch.Tensor) -> torch.Tensor:
@@ -236,6 +251,10 @@ def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[s
         # Flips move whole pixels: do them exactly, without interpolation.
         flipped = theta[:, 0, 0] < 0
         gx = torch.where(flipped.view(n, 1, 1, 1), gx.flip(-1), gx)
+    if cfg.noise > 0 and cfg.strength > 0:
+        gx = gx + cfg.strength * cfg.noise * torch.randn(
+            gx.shape, generator=gen, device=gx.device, dtype=gx.dtype
+        )
     mask = valid_mask(theta, h, w)
     return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
 

@@ -36,11 +36,15 @@ def test_undo_flip_is_exact(device):
     assert torch.allclose(back, x, atol=1e-5)
 
 
+@pytest.mark.parametrize("shift", [0.0, 0.15])
 @pytest.mark.parametrize("device", DEVICES)
-def test_undo_affine_recovers_x_inside_the_mask(device):
+def test_undo_affine_recovers_x_inside_the_mask(device, shift):
     x = smooth_images(12).to(device)
     gen = torch.Generator(device=device).manual_seed(1)
-    out = make_pairs(x, PairConfig(affine=True, **NO_COLOUR), gen)
+    out = make_pairs(x, PairConfig(affine=True, shift=shift, **NO_COLOUR), gen)
+    offsets = out["theta"][:, :, 2].abs()
+    assert (offsets.max() > 0.05) if shift else (offsets.max() == 0)
+    assert offsets.max() <= shift
     assert not torch.allclose(out["gx"], x, atol=0.05)  # g moved things
     back, mask = undo(out["gx"], out["inverse"])
     assert torch.equal(mask, out["mask"])
@@ -76,6 +80,23 @@ def test_strength_scales_the_jitter_and_zero_leaves_only_flips():
     assert changes[1] < changes[2] < changes[3]
     with pytest.raises(ValueError, match="strength must be >= 0"):
         PairConfig(strength=-1)
+
+
+def test_noise_is_gaussian_on_the_second_view_only_and_scales_with_strength():
+    x = smooth_images(8, bands=4, seed=6)
+    spreads = []
+    for strength in (0.0, 1.0, 2.0):
+        cfg = PairConfig(flip=False, strength=strength, noise=0.1, **NO_COLOUR)
+        out = make_pairs(x, cfg, torch.Generator().manual_seed(7))
+        assert out["x"] is x
+        diff = out["gx"] - x
+        assert abs(diff.mean().item()) < 0.01
+        spreads.append(diff.std().item())
+    assert spreads[0] == 0.0
+    assert spreads[1] == pytest.approx(0.1, rel=0.05)
+    assert spreads[2] == pytest.approx(0.2, rel=0.05)
+    with pytest.raises(ValueError, match="pairs.shift and pairs.noise must be >= 0"):
+        PairConfig(noise=-0.1)
 
 
 def test_hue_rotation_keeps_greys_grey_and_pure_brightness_scales():
