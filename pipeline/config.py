@@ -66,6 +66,9 @@ class LossConfig:
     lamb_b: float = 1.0
     half_window: int = 10
     collapsed: bool = False
+    # P over the global batch (joints summed over data-parallel workers) rather than over each
+    # worker's share: the objective then does not change with the number of workers.
+    global_joint: bool = True
 
     def __post_init__(self) -> None:
         _check(self.lamb_a > 0, "loss.lamb_a", self.lamb_a, "> 0")

@@ -16,6 +16,7 @@ clamped before the log, as in the reference implementation, so empty clusters ke
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 EPS = torch.finfo(torch.float64).eps  # ~2.2e-16, the reference's clamp value
 
 DenseMethod = Literal["fft", "conv"]
+
+# Sums an unnormalised joint over data-parallel workers, differentiably (see ``global_sum`` in
+# pipeline.train): the loss is then that of the global batch, whatever the number of workers.
+JointSum = Callable[[torch.Tensor], torch.Tensor]
 
 
 class IIDLoss(NamedTuple):
@@ -109,7 +114,9 @@ def _check_lambda(lamb: float) -> None:
         raise ValueError(f"lamb must be > 0, got {lamb!r}")
 
 
-def iid_clustering_loss(p: torch.Tensor, p_pair: torch.Tensor, lamb: float = 1.0) -> IIDLoss:
+def iid_clustering_loss(
+    p: torch.Tensor, p_pair: torch.Tensor, lamb: float = 1.0, joint_sum: JointSum | None = None
+) -> IIDLoss:
     """IID loss for whole-image clustering (paper Eq. 4-6).
 
     ``P = mean_n p[n] p_pair[n]^T`` (C, C), symmetrised and normalised, then ``-I_lambda(P)``.
@@ -118,6 +125,8 @@ def iid_clustering_loss(p: torch.Tensor, p_pair: torch.Tensor, lamb: float = 1.0
         p: (n, C) softmax rows of the first views.
         p_pair: (n, C) softmax rows of the paired (transformed) views.
         lamb: lambda of Eq. 3; > 1 favours balanced clusters.
+        joint_sum: applied to the unnormalised (C, C) joint before normalising, to sum it over
+            workers; every worker must then call the loss equally often.
 
     Returns:
         IIDLoss(loss=-I_lambda, mi=I_1).
@@ -136,7 +145,10 @@ def iid_clustering_loss(p: torch.Tensor, p_pair: torch.Tensor, lamb: float = 1.0
     with _no_autocast(p.device):
         dtype = _loss_dtype(p)
         p, p_pair = p.to(dtype), p_pair.to(dtype)
-        joint, _ = _symmetrise_normalise(p.T @ p_pair)
+        joint = p.T @ p_pair
+        if joint_sum is not None:
+            joint = joint_sum(joint)
+        joint, _ = _symmetrise_normalise(joint)
         i_lamb, i_one = _mi_terms(joint, lamb)
     return IIDLoss(loss=-i_lamb, mi=i_one)
 
@@ -233,6 +245,7 @@ def iid_segmentation_loss(
     half_window: int = 10,
     collapsed: bool = False,
     method: DenseMethod = "fft",
+    joint_sum: JointSum | None = None,
 ) -> IIDLoss:
     """Dense IID loss for segmentation (paper Eq. 8-10).
 
@@ -252,6 +265,8 @@ def iid_segmentation_loss(
         half_window: T; the window is (2T+1) x (2T+1).
         collapsed: one MI of the summed joint instead of the mean of per-displacement MIs.
         method: ``"fft"`` (fast, default) or ``"conv"`` (direct correlation); same values.
+        joint_sum: applied to the unnormalised (K, C, C) joints before normalising, to sum them
+            over workers; every worker must then call the loss equally often.
 
     Returns:
         IIDLoss(loss=-I_lambda, mi=I_1), averaged over displacements when uncollapsed.
@@ -284,6 +299,8 @@ def iid_segmentation_loss(
             m = mask.to(dtype).unsqueeze(1)
             p, p_pair = p * m, p_pair * m
         joints = displacement_joints(p, p_pair, half_window, method).flatten(0, 1)  # (K, C, C)
+        if joint_sum is not None:
+            joints = joint_sum(joints)
         if collapsed:
             joints = joints.sum(dim=0, keepdim=True)
         # Each valid pixel pair adds exactly 1 to a joint's mass (probabilities sum to 1), so

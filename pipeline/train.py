@@ -78,9 +78,26 @@ def label_lut(manifest: dict, merge: str) -> tuple[np.ndarray, list[str]]:
 
 
 # --------------------------------------------------------------------------- the worker loop
+def global_sum(joint: torch.Tensor) -> torch.Tensor:
+    """Sum of ``joint`` over the data-parallel workers, differentiable.
+
+    Every worker then computes the same loss from the same global P. The backward pass sums
+    dL/dP over the workers (W times the common value) and DDP divides the parameter gradients
+    by W again, so the result is the gradient of the global-batch loss.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return joint
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(joint)
+
+
 def pair_loss(model, batch: dict, head: str, lamb: float, cfg: Config) -> torch.Tensor:
     """Mean over sub-heads of the IID loss of one batch of pairs (g* applied for dense maps)."""
     outs = zip(model(batch["x"], head), model(batch["gx"], head), strict=True)
+    joint_sum = global_sum if cfg.loss.global_joint else None
     losses = []
     for p, q in outs:
         if cfg.model.task == "segmentation":
@@ -93,10 +110,11 @@ def pair_loss(model, batch: dict, head: str, lamb: float, cfg: Config) -> torch.
                     lamb=lamb,
                     half_window=cfg.loss.half_window,
                     collapsed=cfg.loss.collapsed,
+                    joint_sum=joint_sum,
                 ).loss
             )
         else:
-            losses.append(iid_clustering_loss(p, q, lamb).loss)
+            losses.append(iid_clustering_loss(p, q, lamb, joint_sum).loss)
     return torch.stack(losses)
 
 

@@ -1,0 +1,88 @@
+"""The joint P is the global batch's under data parallelism: two gloo processes, each holding
+half the batch, must get the loss and (after DDP's gradient averaging) the gradient that one
+process gets from the whole batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
+from pipeline.train import global_sum
+
+N, FEATURES, CLUSTERS = 12, 5, 4
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, FEATURES, 6, 6, generator=gen)
+    x[N // 2 :] += 2.0  # the two workers' halves differ, as real shards do
+    gx = x + 0.3 * torch.randn(x.shape, generator=gen)
+    weight = torch.randn(CLUSTERS, FEATURES, generator=gen)
+    return x, gx, weight
+
+
+def _loss(x, gx, weight, task: str, joint_sum):
+    def predict(v):
+        return torch.einsum("cf,nfhw->nchw", weight, v).softmax(1)
+
+    p, q = predict(x), predict(gx)
+    if task == "clustering":
+        return iid_clustering_loss(p.mean((2, 3)), q.mean((2, 3)), 1.5, joint_sum).loss
+    return iid_segmentation_loss(p, q, lamb=1.5, half_window=2, joint_sum=joint_sum).loss
+
+
+def _reference(task: str) -> tuple[float, torch.Tensor]:
+    x, gx, weight = _inputs()
+    weight.requires_grad_(True)
+    loss = _loss(x, gx, weight, task, None)
+    loss.backward()
+    return loss.item(), weight.grad
+
+
+TASKS = ("clustering", "segmentation")
+
+
+def _worker(rank: int, world: int, init: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        x, gx, weight = _inputs()
+        share = slice(rank * N // world, (rank + 1) * N // world)
+        for task in TASKS:
+            w = weight.clone().requires_grad_(True)
+            loss = _loss(x[share], gx[share], w, task, global_sum)
+            loss.backward()
+            grad = w.grad.clone()
+            dist.all_reduce(grad)  # what DDP does with parameter gradients: the mean
+            out[rank, task] = (loss.item(), grad / world)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory) -> dict:
+    rendezvous = tmp_path_factory.mktemp("gloo") / "rdv"
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(2, f"file://{rendezvous}", out), nprocs=2)
+        return dict(out)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_two_workers_get_the_whole_batch_loss_and_gradient(task, two_workers):
+    ref_loss, ref_grad = _reference(task)
+    for rank in (0, 1):
+        loss, grad = two_workers[rank, task]
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert torch.allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    # Without the global sum each worker's loss is its half's, which differs from the whole:
+    x, gx, weight = _inputs()
+    half = _loss(x[: N // 2], gx[: N // 2], weight, task, None).item()
+    assert half != pytest.approx(ref_loss, rel=1e-2)
+
+
+def test_global_sum_is_the_identity_outside_a_process_group():
+    joint = torch.rand(3, 3)
+    assert global_sum(joint) is joint
