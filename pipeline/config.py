@@ -36,9 +36,13 @@ class DataConfig:
     # Hold the raw shard rows in Ray's object store for the run (read once) instead of reading
     # and decoding them again every pass; turn off when the shards exceed the object store.
     materialize: bool = True
+    # Rows each worker shuffles in every training pass (Ray Data's local shuffle buffer), so
+    # that batches are not the same every epoch; 0 keeps the stored order.
+    shuffle_buffer: int = 512
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, ">= 0")
 
 
 @dataclass(frozen=True)

@@ -119,19 +119,32 @@ def pair_loss(model, batch: dict, head: str, lamb: float, cfg: Config) -> torch.
 
 
 def shard_batches(
-    shard, cfg: Config, device, rng: np.random.Generator, crop: int, pairs_ready: bool = False
+    shard,
+    cfg: Config,
+    device,
+    rng: np.random.Generator,
+    crop: int,
+    pairs_ready: bool = False,
+    shuffle: bool = False,
 ):
     """Batches of this worker's shard on ``device``.
 
     With ``pairs_ready`` (``data.pairs_on: actors``) they are finished pairs from the actor pool.
     Otherwise the shard holds raw shard rows (usually materialised in the object store: read
     once, not re-read and re-decoded every pass), decoded and randomly cropped here; the pairs
-    are then drawn on the device by the caller.
+    are then drawn on the device by the caller. ``shuffle`` mixes rows in a buffer of
+    ``data.shuffle_buffer`` rows, seeded from ``rng``.
     """
+    order = {}
+    if shuffle and cfg.data.shuffle_buffer > 0:
+        order = {
+            "local_shuffle_buffer_size": cfg.data.shuffle_buffer,
+            "local_shuffle_seed": int(rng.integers(2**31)),
+        }
     if pairs_ready:
-        yield from shard.iter_torch_batches(batch_size=cfg.data.batch_size, device=device)
+        yield from shard.iter_torch_batches(batch_size=cfg.data.batch_size, device=device, **order)
         return
-    for rows in shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy"):
+    for rows in shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy", **order):
         images, labels = decode_batch(rows)
         images, labels = random_crops(images, labels, crop, rng)
         yield {
@@ -275,10 +288,10 @@ def train_loop_per_worker(config: dict) -> None:
         args = (cfg, device, epoch, gen)
         clock = [time.perf_counter()]
         ready = cfg.data.pairs_on == "actors"
-        train_a = shard_batches(train_shard, cfg, device, rng, cfg.pairs.crop, ready)
+        train_a = shard_batches(train_shard, cfg, device, rng, cfg.pairs.crop, ready, True)
         train_epoch_head(model, opt, train_a, "A", cfg.loss.lamb_a, *args)
         clock.append(time.perf_counter())
-        train_b = shard_batches(train_shard, cfg, device, rng, cfg.pairs.crop, ready)
+        train_b = shard_batches(train_shard, cfg, device, rng, cfg.pairs.crop, ready, True)
         head_b = _all_reduce(train_epoch_head(model, opt, train_b, "B", cfg.loss.lamb_b, *args))
         clock.append(time.perf_counter())
         # --- evaluate every head-B sub-head, counts summed over workers --------------------------

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -25,9 +26,11 @@ from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
 from pipeline.train import (
     CHECKPOINT_FILE,
     NonFiniteLossError,
+    _rows,
     _worker_error,
     build_model,
     fit,
+    shard_batches,
     train_epoch_head,
 )
 
@@ -196,6 +199,29 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == steps
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert len(client.search_model_versions("name='t'")) == 1
+
+
+def test_training_passes_shuffle_rows_differently_each_time_and_eval_keeps_the_order(
+    shards, tmp_path, ray_cluster
+):
+    cfg = config(shards, tmp_path)
+    rows = _rows(str(shards / "train"), materialize=True).iterator()
+
+    def one_pass(seed: int, shuffle: bool) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        batches = shard_batches(rows, cfg, torch.device("cpu"), rng, 0, shuffle=shuffle)
+        return torch.cat([b["x"] for b in batches])
+
+    stored, again = one_pass(0, False), one_pass(1, False)
+    assert torch.equal(stored, again)
+    first, second = one_pass(0, True), one_pass(1, True)
+    assert len(first) == len(stored) > cfg.data.batch_size
+    assert not torch.equal(first, stored) and not torch.equal(first, second)
+
+    def as_set(x: torch.Tensor) -> list:
+        return sorted(map(tuple, x.flatten(1)[:, :64].tolist()))
+
+    assert as_set(first) == as_set(second) == as_set(stored)  # every row once per pass
 
 
 def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
