@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -18,35 +19,61 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from pipeline.pairs import PairConfig, make_pairs, pair_dataset, spatial_matrices, warp
+from pipeline import pairs
+from pipeline.pairs import (
+    PairConfig,
+    keep_freed_memory,
+    make_pairs,
+    pair_dataset,
+    spatial_matrices,
+    warp,
+)
 from pipeline.prepare.folder import prepare_folder
 from pipeline.prepare.run import TilingOptions
 
 CFG = PairConfig(affine=True, flip=True, strength=1.0)
 
 
-def bare(n_batches: int, batch: int, cfg: PairConfig = CFG) -> float:
+def _median_rate(step, n_batches: int, batch: int, rounds: int) -> float:
+    """Pairs per second of ``step()`` (one batch), median over ``rounds`` timed rounds: this
+    machine's neighbours make single rounds vary by up to 30%."""
+    step()  # warm-up
+    rates = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n_batches):
+            step()
+        rates.append(n_batches * batch / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def bare(n_batches: int, batch: int, cfg: PairConfig = CFG, rounds: int = 5) -> float:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 4, 200, 200)
-    make_pairs(x, cfg, gen)
-    start = time.perf_counter()
-    for _ in range(n_batches):
-        make_pairs(x, cfg, gen)
-    return n_batches * batch / (time.perf_counter() - start)
+    return _median_rate(lambda: make_pairs(x, cfg, gen), n_batches, batch, rounds)
 
 
-def resample_only(n_batches: int, batch: int) -> float:
-    """The bilinear warp alone: the ceiling for any torch implementation of the affine."""
+def resample_only(n_batches: int, batch: int, kernel: str, rounds: int = 5) -> float:
+    """The bilinear warp alone, with OpenCV (the CPU path) or grid_sample (the GPU path's)."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 4, 200, 200)
     theta = spatial_matrices(batch, CFG, gen, "cpu")
-    start = time.perf_counter()
-    for _ in range(n_batches):
-        warp(x, theta)
-    return n_batches * batch / (time.perf_counter() - start)
+    if kernel == "grid_sample":
+
+        def step():
+            u, v = pairs._coords(theta, 200, 200)
+            F.grid_sample(x, torch.stack([u, v], -1), align_corners=False)
+
+    else:
+
+        def step():
+            warp(x, theta)
+
+    return _median_rate(step, n_batches, batch, rounds)
 
 
 def end_to_end(work: Path, tiles_side: int, actors: int, batch: int) -> tuple[float, int]:
@@ -90,9 +117,13 @@ def main() -> None:
     ap.add_argument("--actors", type=int, default=os.cpu_count())
     args = ap.parse_args()
     cores = os.cpu_count()
+    default_malloc = bare(args.batches, args.batch)
+    # What every PairMaker actor does at start-up (see keep_freed_memory):
+    kept = keep_freed_memory()
     bare_rate = bare(args.batches, args.batch)
     no_affine = bare(args.batches, args.batch, PairConfig(affine=False))
-    warp_rate = resample_only(args.batches, args.batch)
+    warp_rate = resample_only(args.batches, args.batch, "opencv")
+    grid_rate = resample_only(args.batches, args.batch, "grid_sample")
     with tempfile.TemporaryDirectory() as tmp:
         e2e_rate, rows = end_to_end(Path(tmp), args.tiles_side, args.actors, args.batch)
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
@@ -100,9 +131,17 @@ def main() -> None:
         f"transform: colour jitter (YIQ/HSV) + affine + flip, 200x200 RGBIR, batch {args.batch}, "
         f"torch {torch.__version__}"
     )
-    print(f"bare transform, 1 thread:      {bare_rate:7.0f} pairs/s per core")
+    print(
+        f"bare transform, 1 thread, as in the actors (median of 5 rounds): {bare_rate:7.0f} "
+        f"pairs/s per core"
+    )
+    print(
+        f"  same, before keep_freed_memory (glibc returning freed blocks; took: {kept}): "
+        f"{default_malloc:7.0f}"
+    )
     print(f"  without the affine (jitter + flip): {no_affine:7.0f} pairs/s per core")
-    print(f"  bilinear warp alone (grid_sample):  {warp_rate:7.0f} pairs/s per core")
+    print(f"  bilinear warp alone, OpenCV (CPU path): {warp_rate:7.0f} pairs/s per core")
+    print(f"  bilinear warp alone, grid_sample (GPU path's kernel): {grid_rate:7.0f}")
     print(
         f"Ray Data actor pool ({args.actors} actors, {rows} tiles from Parquet): "
         f"{e2e_rate:7.0f} pairs/s = {e2e_rate / cores:.0f} per core on {cores} cores"

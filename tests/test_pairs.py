@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.pairs import PairConfig, PairMaker, make_pairs, pair_dataset, undo
+from pipeline import pairs
+from pipeline.pairs import PairConfig, PairMaker, make_pairs, pair_dataset, undo, warp
 from pipeline.prepare.potsdam import prepare_potsdam
 from pipeline.prepare.run import TilingOptions
 from tests.conftest import make_release
@@ -37,8 +40,11 @@ def test_undo_flip_is_exact(device):
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.15])
-@pytest.mark.parametrize("device", DEVICES)
-def test_undo_affine_recovers_x_inside_the_mask(device, shift):
+@pytest.mark.parametrize("device", ["cpu-grid_sample"] + DEVICES)
+def test_undo_affine_recovers_x_inside_the_mask(device, shift, monkeypatch):
+    if device == "cpu-grid_sample":  # the GPU path's kernel, on CPU
+        monkeypatch.setattr(pairs, "_cv2", None)
+        device = "cpu"
     x = smooth_images(12).to(device)
     gen = torch.Generator(device=device).manual_seed(1)
     out = make_pairs(x, PairConfig(affine=True, shift=shift, **NO_COLOUR), gen)
@@ -55,6 +61,33 @@ def test_undo_affine_recovers_x_inside_the_mask(device, shift):
     # Outside the mask there is no promise; inside, g* really is g's inverse:
     eye = out["theta"][:, :, :2] @ out["inverse"][:, :, :2]
     assert torch.allclose(eye, torch.eye(2, device=device).expand_as(eye), atol=1e-5)
+
+
+@pytest.mark.parametrize("bands", [1, 3, 4, 5])
+def test_opencv_warp_on_cpu_matches_grid_sample(bands):
+    assert pairs._cv2 is not None  # a dependency: the CPU pair stage must not silently slow down
+    x = torch.rand(6, bands, 40, 48)
+    gen = torch.Generator().manual_seed(2)
+    theta = pairs.spatial_matrices(6, PairConfig(affine=True, shift=0.2), gen, "cpu")
+    fast = warp(x, theta)
+    u, v = pairs._coords(theta, 40, 48)
+    grid = torch.stack([u, v], dim=-1)
+    reference = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+    assert fast.shape == reference.shape and fast.is_contiguous()
+    assert (fast - reference).abs().max().item() < 1e-4  # borders (zero padding) included
+    # Anything that needs a gradient (g* on predictions) stays on grid_sample:
+    x.requires_grad_(True)
+    warp(x, theta).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a glibc setting")
+def test_pair_actors_keep_freed_memory_for_reuse():
+    import ctypes
+
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallopt"):
+        pytest.skip("not glibc")
+    assert pairs.keep_freed_memory()
 
 
 def test_infrared_is_never_jittered_but_rgb_is():
@@ -137,7 +170,7 @@ def test_pair_maker_keeps_image_and_label_crops_aligned(shards):
     batch["image"] = np.array([i.tobytes() for i in images], dtype=object)
     maker = PairMaker({"crop": 20, "flip": False}, seed=0, deterministic=True)
     pairs = maker(batch)
-    assert pairs["x"].shape == (len(images), 4, 20, 20) and pairs["x"].dtype == np.float32
+    assert pairs["x"].shape == (len(images), 4, 20, 20) and pairs["x"].dtype == np.float16
     assert pairs["gx"].shape == pairs["x"].shape and pairs["inverse"].shape == (len(images), 2, 3)
     assert pairs["mask"].shape == (len(images), 20, 20) and pairs["label"].dtype == np.uint8
     assert np.array_equal(np.rint(pairs["x"][:, 0] * 255).astype(np.uint8), pairs["label"])
@@ -152,7 +185,8 @@ def test_ray_data_actor_pool_streams_every_tile_as_a_pair(shards, ray_cluster):
     for batch in ds.iter_batches(batch_size=5, batch_format="numpy"):
         assert batch["x"].shape[1:] == (4, 24, 24)
         assert batch["mask"].dtype == bool and batch["mask"].any()
-        back, mask = undo(torch.from_numpy(batch["gx"]), torch.from_numpy(batch["inverse"]))
+        gx = torch.from_numpy(batch["gx"]).float()
+        back, mask = undo(gx, torch.from_numpy(batch["inverse"]))
         assert torch.equal(mask, torch.from_numpy(batch["mask"]))
         rows += len(batch["x"])
         ids.update(batch["tile_id"].tolist())
