@@ -349,7 +349,8 @@ def decode_batch(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     dtype = np.dtype(str(batch["dtype"][0]))
     raw = np.frombuffer(b"".join(batch["image"]), dtype=dtype).reshape(n, *shape)
     scale = 1.0 / np.iinfo(dtype).max if dtype.kind in "ui" else 1.0
-    images = raw.astype(np.float32) * np.float32(scale)
+    images = raw.astype(np.float32)
+    images *= np.float32(scale)  # in place: one fresh array per batch, not two
     labels = np.full((n, shape[1], shape[2]), IGNORE_INDEX, dtype=np.uint8)
     for i, lab in enumerate(batch.get("label", [None] * n)):
         if lab is not None:
