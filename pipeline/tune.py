@@ -703,6 +703,10 @@ def _parent_run(
 
 
 def _close_child(client, row: TrialRow) -> None:
+    # The trial's rank 0 logs every epoch it trains. A trial that ASHA stops may finish (and
+    # log) one more epoch while the stop is on its way, which the search does not count: the
+    # tag says which epochs the search ranked the trial on.
+    client.set_tag(row.run_id, "iid.epochs_counted", str(row.epochs))
     client.set_tag(row.run_id, "iid.stopped_early", str(row.status == "stopped early").lower())
     client.set_tag(row.run_id, "iid.status", row.status)
     client.set_terminated(row.run_id, "FAILED" if row.status.startswith("error") else "FINISHED")
