@@ -91,13 +91,14 @@ def digits(work: Path, scale: float) -> tuple[dict, Path, list[str]]:
         "data": {"shards": str(out), "batch_size": 50, "pairs_on": "worker"},
         "model": {"task": "clustering", "in_channels": 1, "n_clusters_a": 50}
         | {"n_clusters_b": 10, "n_subheads": 5},
-        "loss": {"lamb_a": 1.0, "lamb_b": 1.0},
-        "optim": {"lr": 1e-3, "epochs": round(20 * scale)},
+        "loss": {"lamb_a": 1.5, "lamb_b": 1.5},
+        "optim": {"lr": 3e-3, "epochs": round(40 * scale)},
         # Digits are not mirror-symmetric: no flip, no colour. Small rotations, zooms and shifts
-        # plus pixel noise, so that the two views never match pixel for pixel; 5 pairs of each
-        # image per step (the reference's num_dataloaders).
+        # plus pixel noise, so that the two views never match pixel for pixel. One pair per
+        # image and step: in single-process runs, 5 (the reference's num_dataloaders) at lr 1e-3
+        # did worse per minute than 1 at lr 3e-3.
         "pairs": {"flip": False, "affine": True, "rgb_bands": [], "rotation": 15.0}
-        | {"shear": 0.0, "scale": 0.1, "shift": 0.12, "noise": 0.1, "repeats": 5},
+        | {"shear": 0.0, "scale": 0.1, "shift": 0.12, "noise": 0.1},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
     }
     return cfg, out, ["train", "test"]
