@@ -26,6 +26,7 @@ from pipeline.pairs import (
     PairConfig,
     keep_freed_memory,
     make_pairs,
+    make_pairs_u8,
     pair_dataset,
     spatial_matrices,
     warp,
@@ -50,6 +51,15 @@ def _median_rate(step, n_batches: int, batch: int, rounds: int) -> float:
 
 
 def bare(n_batches: int, batch: int, cfg: PairConfig = CFG, rounds: int = 5) -> float:
+    """The actors' transform: 8-bit tiles through ``make_pairs_u8`` (OpenCV), 1 thread."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    raw = np.random.default_rng(0).integers(0, 256, (batch, 4, 200, 200), dtype=np.uint8)
+    return _median_rate(lambda: make_pairs_u8(raw, cfg, gen), n_batches, batch, rounds)
+
+
+def bare_float(n_batches: int, batch: int, cfg: PairConfig = CFG, rounds: int = 5) -> float:
+    """``make_pairs`` on float32 CPU tensors (the GPU path's code, run on CPU), 1 thread."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 4, 200, 200)
@@ -113,15 +123,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batches", type=int, default=8, help="batches for the bare transform")
-    ap.add_argument("--tiles-side", type=int, default=40, help="end to end: side^2 tiles")
+    ap.add_argument("--tiles-side", type=int, default=60, help="end to end: side^2 tiles")
     ap.add_argument("--actors", type=int, default=os.cpu_count())
     args = ap.parse_args()
     cores = os.cpu_count()
-    default_malloc = bare(args.batches, args.batch)
+    default_malloc = bare_float(args.batches, args.batch)
     # What every PairMaker actor does at start-up (see keep_freed_memory):
     kept = keep_freed_memory()
     bare_rate = bare(args.batches, args.batch)
-    no_affine = bare(args.batches, args.batch, PairConfig(affine=False))
+    float_rate = bare_float(args.batches, args.batch)
+    no_affine = bare_float(args.batches, args.batch, PairConfig(affine=False))
     warp_rate = resample_only(args.batches, args.batch, "opencv")
     grid_rate = resample_only(args.batches, args.batch, "grid_sample")
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,14 +143,15 @@ def main() -> None:
         f"torch {torch.__version__}"
     )
     print(
-        f"bare transform, 1 thread, as in the actors (median of 5 rounds): {bare_rate:7.0f} "
-        f"pairs/s per core"
+        f"bare transform as in the actors (8-bit tiles, make_pairs_u8, OpenCV), 1 thread, "
+        f"median of 5 rounds: {bare_rate:7.0f} pairs/s per core"
     )
+    print(f"  make_pairs on float32 (the GPU path's code, on CPU): {float_rate:7.0f} pairs/s")
     print(
         f"  same, before keep_freed_memory (glibc returning freed blocks; took: {kept}): "
         f"{default_malloc:7.0f}"
     )
-    print(f"  without the affine (jitter + flip): {no_affine:7.0f} pairs/s per core")
+    print(f"  same without the affine (jitter + flip): {no_affine:7.0f} pairs/s per core")
     print(f"  bilinear warp alone, OpenCV (CPU path): {warp_rate:7.0f} pairs/s per core")
     print(f"  bilinear warp alone, grid_sample (GPU path's kernel): {grid_rate:7.0f}")
     print(

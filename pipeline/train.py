@@ -39,6 +39,7 @@ from pipeline.models import ClusterNet, SegmentationNet
 from pipeline.pairs import (
     PairConfig,
     decode_batch,
+    from_wire,
     make_pairs,
     pair_dataset,
     random_crops,
@@ -145,8 +146,8 @@ def shard_batches(
         for batch in shard.iter_torch_batches(
             batch_size=cfg.data.batch_size, device=device, **order
         ):
-            # float16 from the actors (half the transfer); cast on the device
-            yield batch | {"x": batch["x"].float(), "gx": batch["gx"].float()}
+            # compact views from the actors (see pairs.from_wire): cast on the device
+            yield batch | {"x": from_wire(batch["x"]), "gx": from_wire(batch["gx"])}
         return
     for rows in shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy", **order):
         images, labels = decode_batch(rows)

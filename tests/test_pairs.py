@@ -11,7 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import pairs
-from pipeline.pairs import PairConfig, PairMaker, make_pairs, pair_dataset, undo, warp
+from pipeline.pairs import (
+    PairConfig,
+    PairMaker,
+    decode_batch,
+    from_wire,
+    make_pairs,
+    make_pairs_u8,
+    pair_dataset,
+    undo,
+    warp,
+)
 from pipeline.prepare.potsdam import prepare_potsdam
 from pipeline.prepare.run import TilingOptions
 from tests.conftest import make_release
@@ -26,11 +36,24 @@ def smooth_images(n: int, bands: int = 4, size: int = 96, seed: int = 0) -> torc
     return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+def as_u8(x: torch.Tensor) -> np.ndarray:
+    return (x * 255).round().to(torch.uint8).numpy()
+
+
+def pairs_on(device: str, x: torch.Tensor, cfg: PairConfig, seed: int):
+    """(x, g's output) on ``device``; "cpu-uint8" is the actors' 8-bit OpenCV path, whose x is
+    the 8-bit image and whose views come back as float here."""
+    if device == "cpu-uint8":
+        out = make_pairs_u8(as_u8(x), cfg, torch.Generator().manual_seed(seed))
+        x = from_wire(torch.from_numpy(out["x"]))
+        return x, out | {"gx": from_wire(out["gx"])}
+    x = x.to(device)
+    return x, make_pairs(x, cfg, torch.Generator(device=device).manual_seed(seed))
+
+
+@pytest.mark.parametrize("device", ["cpu-uint8"] + DEVICES)
 def test_undo_flip_is_exact(device):
-    x = torch.rand(16, 4, 40, 48, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    out = make_pairs(x, PairConfig(**NO_COLOUR), gen)
+    x, out = pairs_on(device, torch.rand(16, 4, 40, 48), PairConfig(**NO_COLOUR), 0)
     flipped = out["theta"][:, 0, 0] < 0
     assert 0 < int(flipped.sum()) < 16  # both cases drawn
     assert torch.equal(out["gx"][flipped], x[flipped].flip(-1))
@@ -40,14 +63,13 @@ def test_undo_flip_is_exact(device):
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.15])
-@pytest.mark.parametrize("device", ["cpu-grid_sample"] + DEVICES)
+@pytest.mark.parametrize("device", ["cpu-grid_sample", "cpu-uint8"] + DEVICES)
 def test_undo_affine_recovers_x_inside_the_mask(device, shift, monkeypatch):
     if device == "cpu-grid_sample":  # the GPU path's kernel, on CPU
         monkeypatch.setattr(pairs, "_cv2", None)
         device = "cpu"
-    x = smooth_images(12).to(device)
-    gen = torch.Generator(device=device).manual_seed(1)
-    out = make_pairs(x, PairConfig(affine=True, shift=shift, **NO_COLOUR), gen)
+    cfg = PairConfig(affine=True, shift=shift, **NO_COLOUR)
+    x, out = pairs_on(device, smooth_images(12), cfg, 1)
     offsets = out["theta"][:, :, 2].abs()
     assert (offsets.max() > 0.05) if shift else (offsets.max() == 0)
     assert offsets.max() <= shift
@@ -60,7 +82,34 @@ def test_undo_affine_recovers_x_inside_the_mask(device, shift, monkeypatch):
     assert err.mean().item() < 0.01
     # Outside the mask there is no promise; inside, g* really is g's inverse:
     eye = out["theta"][:, :, :2] @ out["inverse"][:, :, :2]
-    assert torch.allclose(eye, torch.eye(2, device=device).expand_as(eye), atol=1e-5)
+    assert torch.allclose(eye, torch.eye(2, device=x.device).expand_as(eye), atol=1e-5)
+
+
+@pytest.mark.parametrize("bands", [3, 4])
+@pytest.mark.parametrize("spatial", ["affine", "flips"])
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_actors_8bit_path_draws_and_applies_the_same_g_as_make_pairs(bands, spatial, noise):
+    raw = as_u8(smooth_images(10, bands=bands, size=64, seed=4))
+    cfg = PairConfig(affine=spatial == "affine", shift=0.1, noise=noise, rgb_bands=(0, 1, 2))
+    fast = make_pairs_u8(raw, cfg, torch.Generator().manual_seed(7))
+    ref = make_pairs(torch.from_numpy(raw).float() / 255, cfg, torch.Generator().manual_seed(7))
+    for key in ("theta", "inverse", "mask"):  # the same draws, in the same order
+        assert torch.equal(fast[key], ref[key]), key
+    assert fast["gx"].dtype == (torch.float32 if noise else torch.uint8)
+    diff = (from_wire(fast["gx"]) - ref["gx"]).abs()
+    # jitter in OpenCV's 8-bit arithmetic (and, with the affine, the warp too): about 1/255
+    bound = (1.5 if spatial == "affine" else 1.0) / 255 + 1e-6
+    assert diff.amax(1)[ref["mask"]].max().item() <= bound
+    assert diff.mean().item() < 0.4 / 255
+    assert (ref["gx"] - ref["x"]).abs().mean().item() > 10 / 255  # g really changed colours
+
+
+def test_actors_8bit_path_refuses_what_it_cannot_do():
+    cfg = PairConfig()
+    with pytest.raises(ValueError, match="uint8 images of <= 4 bands"):
+        make_pairs_u8(np.zeros((1, 5, 8, 8), np.uint8), cfg, torch.Generator())
+    with pytest.raises(ValueError, match="got uint16"):
+        make_pairs_u8(np.zeros((1, 3, 8, 8), np.uint16), cfg, torch.Generator())
 
 
 @pytest.mark.parametrize("bands", [1, 3, 4, 5])
@@ -170,10 +219,28 @@ def test_pair_maker_keeps_image_and_label_crops_aligned(shards):
     batch["image"] = np.array([i.tobytes() for i in images], dtype=object)
     maker = PairMaker({"crop": 20, "flip": False}, seed=0, deterministic=True)
     pairs = maker(batch)
-    assert pairs["x"].shape == (len(images), 4, 20, 20) and pairs["x"].dtype == np.float16
+    assert pairs["x"].shape == (len(images), 4, 20, 20) and pairs["x"].dtype == np.uint8
     assert pairs["gx"].shape == pairs["x"].shape and pairs["inverse"].shape == (len(images), 2, 3)
     assert pairs["mask"].shape == (len(images), 20, 20) and pairs["label"].dtype == np.uint8
-    assert np.array_equal(np.rint(pairs["x"][:, 0] * 255).astype(np.uint8), pairs["label"])
+    assert np.array_equal(pairs["x"][:, 0], pairs["label"])
+
+
+def test_pair_maker_sends_compact_views_that_decode_to_what_make_pairs_drew(shards):
+    out, _ = shards
+    table = pq.read_table(next((out / "train").glob("*.parquet")))
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    images = torch.from_numpy(decode_batch(batch)[0])
+    for noise, gx_dtype in ((0.0, np.uint8), (0.1, np.float16)):
+        cfg = {"affine": True, "noise": noise}
+        sent = PairMaker(cfg, seed=3, deterministic=True)(batch)
+        # The same draws in process, in float32: what the actor had before packing.
+        drawn = make_pairs(images, PairConfig.from_dict(cfg), PairMaker(cfg, 3, True).gen)
+        assert sent["gx"].dtype == gx_dtype
+        assert torch.equal(from_wire(torch.from_numpy(sent["x"])), images)
+        gx = from_wire(torch.from_numpy(sent["gx"]))
+        tol = 1.5 / 255 if gx_dtype == np.uint8 else 1.5 / 255 + 1e-3  # 8-bit kernels
+        assert (gx - drawn["gx"]).abs().max() <= tol
+    assert from_wire(torch.tensor([0, 65535], dtype=torch.uint16)).tolist() == [0.0, 1.0]
 
 
 @pytest.mark.slow
@@ -185,7 +252,7 @@ def test_ray_data_actor_pool_streams_every_tile_as_a_pair(shards, ray_cluster):
     for batch in ds.iter_batches(batch_size=5, batch_format="numpy"):
         assert batch["x"].shape[1:] == (4, 24, 24)
         assert batch["mask"].dtype == bool and batch["mask"].any()
-        gx = torch.from_numpy(batch["gx"]).float()
+        gx = from_wire(torch.from_numpy(batch["gx"]))
         back, mask = undo(gx, torch.from_numpy(batch["inverse"]))
         assert torch.equal(mask, torch.from_numpy(batch["mask"]))
         rows += len(batch["x"])
