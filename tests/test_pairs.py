@@ -85,6 +85,30 @@ def test_undo_affine_recovers_x_inside_the_mask(device, shift, monkeypatch):
     assert torch.allclose(eye, torch.eye(2, device=x.device).expand_as(eye), atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_valid_mask_is_where_both_frames_hold_the_pixel_with_a_margin(device):
+    cfgs = [
+        PairConfig(affine=True, shift=0.2),
+        PairConfig(affine=True, rotation=0, shear=0, scale=0, shift=0.2),  # translations only
+        PairConfig(affine=True, rotation=90, shear=0, scale=0),  # some rows parallel to an axis
+        PairConfig(affine=False),  # flips: every pixel
+    ]
+    gen = torch.Generator(device=device).manual_seed(5)
+    for cfg in cfgs:
+        theta = pairs.spatial_matrices(40, cfg, gen, device)
+        theta[0] = torch.tensor([[0.0, 1.0, 0.3], [1.0, 0.0, 0.0]])  # a == 0 on both axes
+        # Reference: every pixel's source coordinates, evaluated directly.
+        h, w, m = 30, 44, 1.5
+        u, v = pairs._coords(pairs.invert(theta), h, w)
+        x0, y0 = pairs._coords(torch.eye(2, 3, device=device)[None], h, w)
+        lu, lv = 1 - 2 * m / w, 1 - 2 * m / h
+        ref = (u.abs() <= lu) & (v.abs() <= lv) & (x0.abs() <= lu) & (y0.abs() <= lv)
+        ref |= pairs._pure_flips(theta).view(-1, 1, 1)
+        got = pairs.valid_mask(theta, h, w, m)
+        assert got.shape == ref.shape and (got != ref).sum().item() == 0
+        assert 0 < got[1:].float().mean().item() <= 1
+
+
 @pytest.mark.parametrize("bands", [3, 4])
 @pytest.mark.parametrize("spatial", ["affine", "flips"])
 @pytest.mark.parametrize("noise", [0.0, 0.1])
