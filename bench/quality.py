@@ -92,7 +92,7 @@ def digits(work: Path, scale: float) -> tuple[dict, Path, list[str]]:
         "model": {"task": "clustering", "in_channels": 1, "n_clusters_a": 50}
         | {"n_clusters_b": 10, "n_subheads": 5},
         "loss": {"lamb_a": 1.5, "lamb_b": 1.5},
-        "optim": {"lr": 3e-3, "epochs": round(40 * scale)},
+        "optim": {"lr": 3e-3, "epochs": round(60 * scale)},
         # Digits are not mirror-symmetric: no flip, no colour. Small rotations, zooms and shifts
         # plus pixel noise, so that the two views never match pixel for pixel. One pair per
         # image and step: in single-process runs, 5 (the reference's num_dataloaders) at lr 1e-3
