@@ -7,7 +7,7 @@ Methods: IID (``fit`` with 2 Ray Train workers, then ``iid evaluate``'s code on 
 tiles, sub-head chosen by lowest loss), k-means on pixel colours (raw pixels for digits), and a
 randomly initialised network of the same architecture + k-means on its features.
 
-    python bench/quality.py                          # everything (about 30 min on 2 cores)
+    python bench/quality.py                          # everything (about 35 min on 2 cores)
     python bench/quality.py --only digits --epochs-scale 2
 """
 
