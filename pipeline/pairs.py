@@ -127,6 +127,17 @@ def colour_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> to
     return val.view(n, 1, 1) * (_YIQ2RGB.to(device) @ chroma @ _RGB2YIQ.to(device))
 
 
+def _colour_draws(n: int, cfg: PairConfig, gen: torch.Generator, device):
+    """colour_jitter's random draws, in their order: ((n, 3, 3) colour matrices, (n,) contrast
+    factors), or None (and nothing drawn) when the config jitters nothing."""
+    ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
+    if not cfg.rgb_bands or cfg.strength == 0 or not any(ranges):
+        return None
+    s = cfg.strength
+    m = colour_matrices(n, cfg, gen, device)
+    return m, _uniform(n, 1 - s * cfg.contrast, 1 + s * cfg.contrast, gen, device)
+
+
 def colour_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> torch.Tensor:
     """Per-image hue, saturation, brightness and contrast changes of the RGB bands of x.
 
@@ -136,11 +147,12 @@ def colour_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> tor
     Returns:
         A jittered copy in [0, 1]; bands outside ``cfg.rgb_bands`` (infrared) are untouched.
     """
-    ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
-    if not cfg.rgb_bands or cfg.strength == 0 or not any(ranges):
-        return x
     n, _, h, w = x.shape
-    dev, s, first = x.device, cfg.strength, cfg.rgb_bands[0]
+    draws = _colour_draws(n, cfg, gen, x.device)
+    if draws is None:
+        return x
+    m, contrast = draws[0], draws[1].view(n, 1, 1)
+    first = cfg.rgb_bands[0]
     # consecutive bands -> a slice (a view) instead of fancy indexing (a copy)
     idx = (
         slice(first, first + 3)
@@ -148,8 +160,6 @@ def colour_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> tor
         else list(cfg.rgb_bands)
     )
     rgb = x[:, idx].reshape(n, 3, h * w)
-    m = colour_matrices(n, cfg, gen, dev)
-    contrast = _uniform(n, 1 - s * cfg.contrast, 1 + s * cfg.contrast, gen, dev).view(n, 1, 1)
     # Contrast blends with the image's mean grey: fold it into the matrix and one offset.
     grey = (m @ rgb.mean(dim=2, keepdim=True)).mean(dim=1, keepdim=True)  # (n, 1, 1)
     out = x.clone()
@@ -229,24 +239,24 @@ def pixel_matrices(theta: torch.Tensor, h: int, w: int) -> np.ndarray:
 
 
 def _warp_cv2(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    n, c, h, w = x.shape
-    mats = pixel_matrices(theta, h, w)
-    hwc = x.permute(0, 2, 3, 1).contiguous().numpy()
-    out = np.empty_like(hwc)
+    planes = x.contiguous().numpy()
+    mats = pixel_matrices(theta, x.shape[2], x.shape[3])
+    out = np.empty_like(planes)
+    for i in range(len(planes)):
+        _warp_planes(planes[i], mats[i], out[i])
+    return torch.from_numpy(out)
+
+
+def _warp_planes(img: np.ndarray, mat: np.ndarray, out: np.ndarray) -> None:
+    """Bilinear-warp (B, H, W) planes with a ``pixel_matrices`` matrix into ``out``, zero
+    padding. OpenCV warps interleaved (H, W, <=4) images: cv2.merge/split convert 20x faster
+    than numpy's transposing copy (measured)."""
+    c, h, w = img.shape
     flags = _cv2.INTER_LINEAR | _cv2.WARP_INVERSE_MAP
-    for i in range(n):
-        for b in range(0, c, 4):  # OpenCV warps at most 4 channels at a time
-            dst = _cv2.warpAffine(
-                hwc[i, :, :, b : b + 4],
-                mats[i],
-                (w, h),
-                flags=flags,
-                borderMode=_cv2.BORDER_CONSTANT,
-                borderValue=0,
-            )
-            out[i, :, :, b : b + 4] = dst.reshape(h, w, -1)
-    # numpy's transposing copy is faster than torch's here (measured)
-    return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
+    for b in range(0, c, 4):  # at most 4 channels per warp
+        chunk = list(img[b : b + 4])
+        dst = _cv2.warpAffine(_cv2.merge(chunk), mat, (w, h), flags=flags, borderValue=0)
+        _cv2.split(dst.reshape(h, w, len(chunk)), list(out[b : b + 4]))
 
 
 def undo(pred: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,12 +333,26 @@ def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[s
         # Flips move whole pixels: do them exactly, without interpolation.
         flipped = theta[:, 0, 0] < 0
         gx = torch.where(flipped.view(n, 1, 1, 1), gx.flip(-1), gx)
-    if cfg.noise > 0 and cfg.strength > 0:
-        gx = gx + cfg.strength * cfg.noise * torch.randn(
-            gx.shape, generator=gen, device=gx.device, dtype=gx.dtype
-        )
+    gx = _noisy(gx, cfg, gen)
     mask = valid_mask(theta, h, w)
     return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+
+
+def fits_u8_path(raw: np.ndarray) -> bool:
+    """Whether ``make_pairs_u8`` takes these (n, B, H, W) images: uint8, B <= 4, OpenCV there."""
+    return raw.dtype == np.uint8 and raw.shape[1] <= 4 and _cv2 is not None
+
+
+def _adds_noise(cfg: PairConfig) -> bool:
+    return cfg.noise > 0 and cfg.strength > 0
+
+
+def _noisy(gx: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> torch.Tensor:
+    """g's last step: Gaussian noise on the (float) second view, when configured."""
+    if not _adds_noise(cfg):
+        return gx
+    noise = torch.randn(gx.shape, generator=gen, device=gx.device, dtype=gx.dtype)
+    return gx + cfg.strength * cfg.noise * noise
 
 
 def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dict:
@@ -351,7 +375,7 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
         ValueError: not uint8, more than 4 bands, or OpenCV missing.
     """
     n, c, h, w = raw.shape
-    if raw.dtype != np.uint8 or c > 4 or _cv2 is None:
+    if not fits_u8_path(raw):
         raise ValueError(
             f"make_pairs_u8 needs uint8 images of <= 4 bands and OpenCV, got "
             f"{raw.dtype} with {c} bands"
@@ -361,20 +385,15 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
     warped = cfg.affine and cfg.strength > 0
     mats = pixel_matrices(theta, h, w) if warped else None
     out = np.empty_like(raw)
-    flags = _cv2.INTER_LINEAR | _cv2.WARP_INVERSE_MAP
     for i in range(n):
-        # Planes (B, H, W) as stored; OpenCV warps interleaved (H, W, B): cv2.merge/split
-        # convert 20x faster than numpy's transposing copy (measured).
         img = raw[i] if colour is None else _jitter_planes(raw[i], colour[i], cfg.rgb_bands)
         if warped:
-            dst = _cv2.warpAffine(_cv2.merge(list(img)), mats[i], (w, h), flags=flags)
-            _cv2.split(dst.reshape(h, w, c), list(out[i]))
+            _warp_planes(img, mats[i], out[i])
         else:  # flips move whole pixels: exactly, as make_pairs
             out[i] = img[:, :, ::-1] if theta[i, 0, 0] < 0 else img
     gx = torch.from_numpy(out)
-    if cfg.noise > 0 and cfg.strength > 0:
-        gx = gx.float().mul_(1 / 255)
-        gx += cfg.strength * cfg.noise * torch.randn(gx.shape, generator=gen)
+    if _adds_noise(cfg):
+        gx = _noisy(from_wire(gx), cfg, gen)
     mask = valid_mask(theta, h, w)
     return {"x": raw, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
 
@@ -383,12 +402,11 @@ def _colour_transforms(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator):
     """colour_jitter's draws as (n, 3, 4) float32 maps of the RGB bands' 0-255 values (3
     weights and an offset per output band), or None when colour_jitter would do nothing (then
     nothing is drawn, as there)."""
-    ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
-    if not cfg.rgb_bands or cfg.strength == 0 or not any(ranges):
+    n = len(raw)
+    draws = _colour_draws(n, cfg, gen, "cpu")
+    if draws is None:
         return None
-    n, s = len(raw), cfg.strength
-    m = colour_matrices(n, cfg, gen, "cpu").double()
-    contrast = _uniform(n, 1 - s * cfg.contrast, 1 + s * cfg.contrast, gen, "cpu").double()
+    m, contrast = draws[0].double(), draws[1].double()
     rgb = raw[:, list(cfg.rgb_bands)].reshape(n, 3, -1)
     means = torch.from_numpy(rgb.mean(axis=2))  # 0-255
     grey = (m @ means.unsqueeze(2)).mean(dim=(1, 2))  # as colour_jitter's, in 0-255 units
@@ -472,12 +490,11 @@ def to_unit(raw: np.ndarray) -> np.ndarray:
 
 
 def from_wire(t: torch.Tensor) -> torch.Tensor:
-    """A view as the pair stage sent it (uint8/uint16 or float16) -> float32 in [0, 1]."""
-    if t.dtype == torch.uint8:
-        return t.float().mul_(1 / 255)
-    if t.dtype == torch.uint16:
-        return t.float().mul_(1 / 65535)
-    return t.float()
+    """A view as the pair stage sent it (the shard's integers, or float16) -> float32, scaled as
+    ``to_unit`` scales: integers divided by their dtype's maximum, floats as they are."""
+    if t.is_floating_point():
+        return t.float()
+    return t.float().mul_(1 / torch.iinfo(t.dtype).max)
 
 
 def keep_freed_memory() -> bool:
@@ -521,7 +538,7 @@ class PairMaker:
         raw, labels = random_crops(raw, labels, self.cfg.crop, self.rng)
         raw = np.ascontiguousarray(raw)
         with torch.no_grad():
-            if raw.dtype == np.uint8 and raw.shape[1] <= 4 and _cv2 is not None:
+            if fits_u8_path(raw):
                 out = make_pairs_u8(raw, self.cfg, self.gen)
             else:
                 out = make_pairs(torch.from_numpy(to_unit(raw)), self.cfg, self.gen)
