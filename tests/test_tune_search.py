@@ -1,8 +1,9 @@
 """Searches: a real Ray Tune search over real Ray Train trials, logged to a real MLflow SQLite
 store; interrupted by killing the driver after its first trial and resumed with ``--resume``.
 
-One search serves the end-to-end tests (a trial costs ~50 s of process start-up on 2 cores):
-it is killed once its first trial has finished, resumed, and then read back. Checks that need
+One search serves the end-to-end tests (a trial costs ~40 s of process start-up on 2 cores, so
+two run at a time): it is killed once its first trial has finished, usually with the second one
+part way, resumed, and then read back. Checks that need
 no Ray (options, bad input, summary helpers) run without starting anything.
 """
 
@@ -144,15 +145,15 @@ def _finished(log: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def search(shards, tmp_path_factory) -> dict:
-    """``iid tune`` of 3 trials, SIGKILLed (driver and its local Ray cluster) once the first
-    trial has finished, then ``iid tune --resume``."""
+    """``iid tune`` of 3 trials, 2 at a time, SIGKILLed (driver and its local Ray cluster)
+    once the first trial has finished, then ``iid tune --resume``."""
     tmp = tmp_path_factory.mktemp("search")
     (tmp / "base.yaml").write_text(yaml.safe_dump(base_config(shards)))
     (tmp / "space.yaml").write_text(yaml.safe_dump(SPACE))
     # Earlier tests' mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: not for this search.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"RAY_ADDRESS": ""}
     cmd = [IID, "tune", "--config", "base.yaml", "--space", "space.yaml", "--name", "s"]
-    cmd += ["--num-samples", "3", "--max-concurrent", "1"]
+    cmd += ["--num-samples", "3", "--max-concurrent", "2"]
     trials = tmp / "runs" / "s" / "trials"
     log = (tmp / "first.log").open("w")
     first = subprocess.Popen(
