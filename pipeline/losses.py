@@ -273,8 +273,10 @@ def iid_segmentation_loss(
 
     Raises:
         ValueError: on bad shapes, T < 0 or T >= the map size, lamb <= 0, or a CPU mask with no
-            valid pixel. On an accelerator the empty-mask check would force a host sync, so
-            there a batch with no valid pixel yields a NaN loss, which training rejects.
+            valid pixel (without ``joint_sum``). On an accelerator the empty-mask check would
+            force a host sync, and with ``joint_sum`` the other workers' pixels may count, so
+            there a batch with no valid pixel anywhere yields a NaN loss (on every worker
+            alike), which training rejects.
     """
     _check_lambda(lamb)
     if p.ndim != 4 or p.shape != p_pair.shape:
@@ -289,7 +291,10 @@ def iid_segmentation_loss(
         )
     if mask is not None and tuple(mask.shape) != (n, h, w):
         raise ValueError(f"expected mask of shape {(n, h, w)}, got {tuple(mask.shape)}")
-    if mask is not None and mask.device.type == "cpu" and not bool(mask.any()):
+    # Summed over workers, one worker's empty mask is no error (its peers' pixels count), and a
+    # raise here would leave the peers waiting in their all_reduce: the global sum decides.
+    empty_is_local = joint_sum is None and mask is not None and mask.device.type == "cpu"
+    if empty_is_local and not bool(mask.any()):
         raise ValueError("batch has no valid pixel: the mask is all zero")
 
     with _no_autocast(p.device):

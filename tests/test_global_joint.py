@@ -4,6 +4,8 @@ process gets from the whole batch."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,6 +36,12 @@ def _loss(x, gx, weight, task: str, joint_sum):
     return iid_segmentation_loss(p, q, lamb=1.5, half_window=2, joint_sum=joint_sum).loss
 
 
+def _masked_loss(x, gx, weight, mask, joint_sum) -> float:
+    p = torch.einsum("cf,nfhw->nchw", weight, x).softmax(1)
+    q = torch.einsum("cf,nfhw->nchw", weight, gx).softmax(1)
+    return iid_segmentation_loss(p, q, mask, 1.5, 2, joint_sum=joint_sum).loss.item()
+
+
 def _reference(task: str) -> tuple[float, torch.Tensor]:
     x, gx, weight = _inputs()
     weight.requires_grad_(True)
@@ -57,6 +65,11 @@ def _worker(rank: int, world: int, init: str, out: dict) -> None:
             grad = w.grad.clone()
             dist.all_reduce(grad)  # what DDP does with parameter gradients: the mean
             out[rank, task] = (loss.item(), grad / world)
+        # Masks: rank 1 has no valid pixel (an affine pushed every view out), then neither has.
+        mine = torch.full((len(x[share]), 6, 6), float(rank == 0))
+        args = (x[share], gx[share], weight)
+        out[rank, "one empty"] = _masked_loss(*args, mine, global_sum)
+        out[rank, "all empty"] = _masked_loss(*args, torch.zeros_like(mine), global_sum)
     finally:
         dist.destroy_process_group()
 
@@ -86,3 +99,17 @@ def test_two_workers_get_the_whole_batch_loss_and_gradient(task, two_workers):
 def test_global_sum_is_the_identity_outside_a_process_group():
     joint = torch.rand(3, 3)
     assert global_sum(joint) is joint
+
+
+def test_an_empty_mask_on_one_worker_leaves_the_others_pixels_and_no_worker_waiting(two_workers):
+    x, gx, weight = _inputs()
+    half = N // 2
+    # rank 0's pixels alone, as one process would score them
+    alone = _masked_loss(x[:half], gx[:half], weight, torch.ones(half, 6, 6), None)
+    assert two_workers[0, "one empty"] == pytest.approx(alone, rel=1e-5)
+    assert two_workers[1, "one empty"] == pytest.approx(alone, rel=1e-5)
+    # No pixel anywhere: NaN on every worker alike (training stops them all), not a raise on
+    # one worker while its peer waits in all_reduce.
+    assert math.isnan(two_workers[0, "all empty"]) and math.isnan(two_workers[1, "all empty"])
+    with pytest.raises(ValueError, match="no valid pixel"):  # one process: a plain error
+        _masked_loss(x[:half], gx[:half], weight, torch.zeros(half, 6, 6), None)
