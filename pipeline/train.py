@@ -505,7 +505,7 @@ def make_trainer(
             seed=cfg.run.seed,
         ).select_columns(["x", "gx", "inverse", "mask", "label"])
     else:
-        train_ds = _rows(inputs.train_dirs, cfg.data.materialize)
+        train_ds = _rows(inputs.train_dirs, cfg.data.materialize, deal_seed=cfg.run.seed)
     eval_dir = storage.absolute(storage.join(cfg.data.shards, cfg.data.eval_split))
     eval_ds = _rows(eval_dir, cfg.data.materialize)
     loop_config = cfg.to_dict() | {
@@ -569,9 +569,22 @@ def fit(cfg: Config):
 SMALL_SHARDS_BYTES = 256 * 2**20
 
 
-def _rows(path: str | list[str], materialize: bool):
+# Rows per block of a training table held in the object store: the unit that is dealt out to
+# the workers anew each pass.
+DEAL_ROWS = 16
+
+
+def _rows(path: str | list[str], materialize: bool, deal_seed: int | None = None):
     """Raw shard rows as a Ray Dataset; materialised, every pass after the first costs a
-    fraction of a second instead of a new read-and-decode pipeline (~5 s on 2 cores)."""
+    fraction of a second instead of a new read-and-decode pipeline (~5 s on 2 cores).
+
+    With ``deal_seed`` (training), every pass deals the rows out to the workers afresh: the
+    rows are put in a random order once (seeded), cut into blocks of ``DEAL_ROWS``, and the
+    block order is randomised per pass. Otherwise a split hands each worker the same contiguous
+    part of the shards every pass: a fixed spatial half of the scene per worker, whose batch
+    norm statistics then differ by region. On potsdam-mini P3 that cost 0.08-0.2 ACC (measured).
+    A stream too large to materialise keeps the shards' order.
+    """
     import ray.data
 
     if materialize:
@@ -579,11 +592,18 @@ def _rows(path: str | list[str], materialize: bool):
         if table is not None:
             # Straight into the object store: no list/footer/read tasks, whose processes cost
             # ~10 s of start-up per run on a small machine for a few MB of tiles.
-            return ray.data.from_arrow(table)
+            if deal_seed is None:
+                return ray.data.from_arrow(table)
+            table = table.take(np.random.default_rng(deal_seed).permutation(len(table)))
+            blocks = [table.slice(i, DEAL_ROWS) for i in range(0, len(table), DEAL_ROWS)]
+            return ray.data.from_arrow(blocks).randomize_block_order()
     # A quarter CPU per read task: with the workers' reservations (and a stopped Tune trial's
     # not yet released) a whole CPU may never come free on a small machine, and the read waits.
     ds = ray.data.read_parquet(path, num_cpus=0.25)
-    return ds.materialize() if materialize else ds
+    if not materialize:
+        return ds
+    ds = ds.materialize()
+    return ds if deal_seed is None else ds.randomize_block_order()
 
 
 def _small_table(dirs: list[str]):

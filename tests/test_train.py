@@ -224,6 +224,34 @@ def test_training_passes_shuffle_rows_differently_each_time_and_eval_keeps_the_o
     assert as_set(first) == as_set(second) == as_set(stored)  # every row once per pass
 
 
+def _worker_rows(ds, passes: int) -> list[list[set]]:
+    """The tile ids each of 2 workers gets in each pass of a ``streaming_split`` (what Ray
+    Train hands the workers), consumed concurrently as the workers do."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    splits = ds.streaming_split(2, equal=True)
+
+    def ids(it) -> set:
+        return {
+            t for b in it.iter_batches(batch_size=8, batch_format="numpy") for t in b["tile_id"]
+        }
+
+    with ThreadPoolExecutor(2) as pool:
+        return [list(pool.map(ids, splits)) for _ in range(passes)]
+
+
+def test_each_pass_deals_the_training_rows_to_the_workers_afresh(shards, ray_cluster):
+    n = sum(1 for _ in _rows(str(shards / "train"), materialize=True).iter_rows())
+    dealt = _worker_rows(_rows(str(shards / "train"), True, deal_seed=0), passes=4)
+    for first, second in dealt:
+        assert not first & second and len(first) == len(second) == n // 2
+    # A worker's rows change from pass to pass: not a fixed part of the scene.
+    assert len({frozenset(first) for first, _ in dealt}) > 1
+    # Unseeded (evaluation) rows keep their order: the same contiguous half every pass.
+    kept = _worker_rows(_rows(str(shards / "train"), materialize=True), passes=2)
+    assert kept[0][0] == kept[1][0]
+
+
 def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     cfg = config(shards, tmp_path)
     model = build_model(cfg)
