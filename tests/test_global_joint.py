@@ -26,19 +26,19 @@ def _inputs():
     return x, gx, weight
 
 
-def _loss(x, gx, weight, task: str, joint_sum):
-    def predict(v):
-        return torch.einsum("cf,nfhw->nchw", weight, v).softmax(1)
+def _predict(weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("cf,nfhw->nchw", weight, v).softmax(1)
 
-    p, q = predict(x), predict(gx)
+
+def _loss(x, gx, weight, task: str, joint_sum):
+    p, q = _predict(weight, x), _predict(weight, gx)
     if task == "clustering":
         return iid_clustering_loss(p.mean((2, 3)), q.mean((2, 3)), 1.5, joint_sum).loss
     return iid_segmentation_loss(p, q, lamb=1.5, half_window=2, joint_sum=joint_sum).loss
 
 
 def _masked_loss(x, gx, weight, mask, joint_sum) -> float:
-    p = torch.einsum("cf,nfhw->nchw", weight, x).softmax(1)
-    q = torch.einsum("cf,nfhw->nchw", weight, gx).softmax(1)
+    p, q = _predict(weight, x), _predict(weight, gx)
     return iid_segmentation_loss(p, q, mask, 1.5, 2, joint_sum=joint_sum).loss.item()
 
 

@@ -241,7 +241,7 @@ def _worker_rows(ds, passes: int) -> list[list[set]]:
 
 
 def test_each_pass_deals_the_training_rows_to_the_workers_afresh(shards, ray_cluster):
-    n = sum(1 for _ in _rows(str(shards / "train"), materialize=True).iter_rows())
+    n = _rows(str(shards / "train"), materialize=True).count()
     dealt = _worker_rows(_rows(str(shards / "train"), True, deal_seed=0), passes=4)
     for first, second in dealt:
         assert not first & second and len(first) == len(second) == n // 2

@@ -2,9 +2,9 @@
 store; interrupted by killing the driver after its first trial and resumed with ``--resume``.
 
 One search serves the end-to-end tests (a trial costs ~40 s of process start-up on 2 cores, so
-two run at a time): it is killed once its first trial has finished, usually with the second one
-part way, resumed, and then read back. Checks that need
-no Ray (options, bad input, summary helpers) run without starting anything.
+two run at a time): it is killed once its first trial has finished (the second may have
+finished too, or be part way), resumed, and then read back. Checks that need no Ray (options,
+bad input, summary helpers) run without starting anything.
 """
 
 from __future__ import annotations
