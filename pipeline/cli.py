@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
     m = result.metrics or {}
     print(
         f"run {cfg.run.name}: epoch {m.get('epoch')} of {cfg.optim.epochs}, "
-        f"sub-head {m.get('best_subhead')} (lowest loss): ACC {m.get('acc', float('nan')):.3f} "
+        f"sub-head {m.get('best_subhead')} (highest MI): ACC {m.get('acc', float('nan')):.3f} "
         f"NMI {m.get('nmi', float('nan')):.3f} ARI {m.get('ari', float('nan')):.3f}"
     )
     _print_baselines(cfg)
@@ -387,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="score a trained model on prepared shards (ACC, NMI, ARI per sub-head)",
         description="Evaluate head B of a model with Hungarian-matched ACC, NMI and ARI from "
-        "streamed confusion counts; the sub-head with the lowest IID loss on evaluation pairs "
-        "is the model's (label-free) answer.",
+        "streamed confusion counts; the sub-head with the lowest lambda=1 IID loss (the highest "
+        "mutual information I(z, z')) on evaluation pairs is the model's (label-free) answer.",
     )
     ev.add_argument(
         "--model",

@@ -3,8 +3,8 @@
 Both have two heads, as in the reference: head ``"A"`` overclusters (more outputs than classes,
 which helps the trunk learn) and head ``"B"`` has the true class count. Each head has
 ``n_subheads`` independent sub-heads; their spread over initialisations is what lets training pick
-the best one by lowest loss, without labels. ``forward(x, head)`` returns one probability tensor
-per sub-head.
+the best one without labels (the highest I(z, z'), i.e. the lowest lambda=1 loss).
+``forward(x, head)`` returns one probability tensor per sub-head.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.evaluate import (
     CHECKPOINT_FILE,
     batch_counts,
+    choose_subhead,
     class_targets,
     load_checkpoint,
     paired_views,
@@ -304,8 +305,8 @@ def train_loop_per_worker(config: dict) -> None:
         counts, joints = evaluate(model, eval_batches, cfg, lut, n_classes, device, eval_pairs)
         counts, joints = _all_reduce(counts).cpu(), _all_reduce(joints).cpu()
         clock.append(time.perf_counter())
-        best = int(head_b.argmin())  # label-free choice: the lowest loss
-        metrics = epoch_metrics(epoch, head_b.cpu(), counts, mutual_information(joints), best)
+        mi = mutual_information(joints)
+        metrics = epoch_metrics(epoch, head_b.cpu(), counts, mi, choose_subhead(mi))
         metrics["start_epoch"] = start_epoch  # > 0 in epochs trained after a resume
         metrics["n_nodes"] = len(set(nodes))
         metrics |= {
@@ -343,7 +344,8 @@ def epoch_metrics(
     """Flat metrics of one epoch: the chosen sub-head's scores, every sub-head's, masses.
 
     ``mi`` (per sub-head) is the lambda=1 mutual information of head B on held-out pairs: the
-    label-free criterion that ranks the trials of a search.
+    label-free criterion that chooses ``best`` among the sub-heads and ranks the trials of a
+    search.
     """
     out = {
         "epoch": epoch,

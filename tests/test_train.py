@@ -167,6 +167,10 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     history = state["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[0]["start_epoch"] == 0 and history[-1]["start_epoch"] >= 1
+    # The label-free answer of every epoch: the sub-head with the highest MI on held-out pairs.
+    for h in history:
+        mis = [h[f"mi_sub{i}"] for i in range(cfg.model.n_subheads)]
+        assert h["best_subhead"] == mis.index(max(mis)) and h["mi"] == max(mis)
 
     client = mlflow.MlflowClient(cfg.run.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])

@@ -1,0 +1,74 @@
+"""Evaluation's label-free choice of sub-head, on real shards with a hand-built model whose two
+sub-heads differ in the way that matters: one is balanced but blind to the image, one follows
+the image but puts few pixels in its second cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import Config
+from pipeline.evaluate import evaluate_model, format_evaluation, iter_tiles
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.shards import read_manifest
+from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
+from pipeline.train import label_lut
+
+BRIGHT_SHARE = 0.05  # of the pixels in sub-head 1's second cluster
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evaluate")
+    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.25)
+    prepare_synthetic(out, opts, SceneSpec(size=256, seed=3), baselines=False)
+    return out / "shards"
+
+
+class TwoKindsOfSubhead(torch.nn.Module):
+    """Head B with 2 clusters in 2 sub-heads. Sub-head 0: near one-hot noise, fresh at every call
+    (balanced, I(z, z') ~ 0). Sub-head 1: "brighter than ``threshold``" (follows the image, so
+    both views agree, but only ~5% of pixels are bright)."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+        self.noise = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor, head: str) -> list[torch.Tensor]:
+        n, _, h, w = x.shape
+        blind = 20 * torch.randn(n, 2, h, w, generator=self.noise)
+        bright = 50 * (x.float().mean(1, keepdim=True) - self.threshold)
+        follows = torch.cat([torch.zeros_like(bright), bright], 1)
+        return [blind.softmax(1), follows.softmax(1)]
+
+
+def test_the_chosen_subhead_is_the_most_informative_not_the_lowest_lambda_b_loss(shards):
+    cfg = Config.from_dict(
+        {
+            "data": {"shards": str(shards), "batch_size": 8, "merge": "potsdam3"},
+            "model": {"in_channels": 3, "n_clusters_b": 2, "n_subheads": 2},
+            "loss": {"lamb_b": 1.5, "half_window": 2},
+            "pairs": {"crop": 0, "strength": 0.1},  # mild jitter: brightness stays readable
+        }
+    )
+    images = np.concatenate([im for im, _ in iter_tiles(shards, ["test"], 64)])
+    brightness = images.astype(np.float64).mean(1)
+    threshold = float(np.quantile(brightness, 1 - BRIGHT_SHARE))
+    lut, classes = label_lut(read_manifest(shards), "potsdam3")
+
+    ev = evaluate_model(TwoKindsOfSubhead(threshold), cfg, shards, ["test"], lut, len(classes))
+
+    # The case the rule exists for: lambda_B = 1.5 adds the clusters' entropies, so the blind,
+    # balanced sub-head has the lower training loss although its views do not agree.
+    assert ev.losses[0] < ev.losses[1], ev.losses
+    assert ev.mi[0] < 0.01 < 0.05 < ev.mi[1], ev.mi
+    assert ev.best == 1
+    assert ev.summary()["eval_mi"] == pytest.approx(ev.mi[1])
+    assert ev.summary()["eval_best_subhead"] == 1.0
+    table = format_evaluation(ev, classes).splitlines()
+    assert table[3].endswith("<- highest MI (lowest lambda=1 loss)")
+    assert "<-" not in table[2]
