@@ -10,6 +10,8 @@ import rasterio
 from rasterio.transform import from_origin
 
 from pipeline.prepare.potsdam import COLOURS
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
 
 POTSDAM_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "potsdam-mini"
 
@@ -63,6 +65,14 @@ def make_release(
                 colour_label(cls),
             )
     return classes
+
+
+def small_synthetic(out: Path, seed: int, test_fraction: float = 0.2) -> Path:
+    """A generated 256 x 256 scene prepared into 32 px tiles under ``out``: the shard folder of
+    the tests that train or read real shards in seconds."""
+    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=test_fraction)
+    prepare_synthetic(out, opts, SceneSpec(size=256, seed=seed), baselines=False)
+    return out / "shards"
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

@@ -18,8 +18,7 @@ import ray
 import yaml
 
 from pipeline.evaluate import load_checkpoint
-from pipeline.prepare.run import TilingOptions
-from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
+from tests.conftest import small_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -86,8 +85,7 @@ def job_config(tmp_path: Path) -> dict:
 @pytest.mark.skipif(RAY is None, reason="the `ray` command is not installed beside python")
 def test_submitted_job_trains_one_worker_per_node(two_nodes, tmp_path):
     cluster, dashboard = two_nodes
-    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.2)
-    prepare_synthetic(tmp_path / "data", opts, SceneSpec(size=256, seed=2), baselines=False)
+    small_synthetic(tmp_path / "data", seed=2)  # job_config reads {tmp_path}/data/shards
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_config(tmp_path)))
 
     # As the README has it: the project folder is the job's working dir, uploaded by Ray.

@@ -12,20 +12,16 @@ import torch
 
 from pipeline.config import Config
 from pipeline.evaluate import evaluate_model, format_evaluation, iter_tiles
-from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.shards import read_manifest
-from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
 from pipeline.train import label_lut
+from tests.conftest import small_synthetic
 
 BRIGHT_SHARE = 0.05  # of the pixels in sub-head 1's second cluster
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("evaluate")
-    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.25)
-    prepare_synthetic(out, opts, SceneSpec(size=256, seed=3), baselines=False)
-    return out / "shards"
+    return small_synthetic(tmp_path_factory.mktemp("evaluate"), seed=3, test_fraction=0.25)
 
 
 class TwoKindsOfSubhead(torch.nn.Module):

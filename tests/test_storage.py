@@ -14,9 +14,8 @@ import torch
 
 from pipeline import storage
 from pipeline.evaluate import CHECKPOINT_FILE, iter_tiles, load_checkpoint
-from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.shards import PrepareError, read_manifest
-from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
+from tests.conftest import small_synthetic
 
 
 def test_join_keeps_uri_schemes():
@@ -64,10 +63,7 @@ def test_unknown_scheme_is_a_one_line_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("storage")
-    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.2)
-    prepare_synthetic(out, opts, SceneSpec(size=256, seed=3), baselines=False)
-    return out / "shards"
+    return small_synthetic(tmp_path_factory.mktemp("storage"), seed=3)
 
 
 def test_shards_read_the_same_through_a_uri(shards):

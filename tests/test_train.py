@@ -20,9 +20,7 @@ import torch
 
 from pipeline.config import Config, ConfigError
 from pipeline.evaluate import evaluate_uri
-from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.shards import PrepareError
-from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
 from pipeline.train import (
     CHECKPOINT_FILE,
     NonFiniteLossError,
@@ -33,16 +31,14 @@ from pipeline.train import (
     shard_batches,
     train_epoch_head,
 )
+from tests.conftest import small_synthetic
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train")
-    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.2)
-    prepare_synthetic(out, opts, SceneSpec(size=256, seed=1), baselines=False)
-    return out / "shards"
+    return small_synthetic(tmp_path_factory.mktemp("train"), seed=1)
 
 
 def config(shards: Path, tmp: Path, **run) -> Config:

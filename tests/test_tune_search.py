@@ -25,9 +25,7 @@ import yaml
 
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
-from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.shards import PrepareError
-from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
 from pipeline.tune import (
     SearchOptions,
     TrialRow,
@@ -36,6 +34,7 @@ from pipeline.tune import (
     run_search,
     write_best_config,
 )
+from tests.conftest import small_synthetic
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
 EPOCHS = 2
@@ -67,10 +66,7 @@ def base_config(shards: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tune-data")
-    opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.2)
-    prepare_synthetic(out, opts, SceneSpec(size=256, seed=1), baselines=False)
-    return out / "shards"
+    return small_synthetic(tmp_path_factory.mktemp("tune-data"), seed=1)
 
 
 # ------------------------------------------------------------------ without starting Ray
