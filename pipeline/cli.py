@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and context baselines in the manifest.",
     )
     syn.add_argument("out", help="output folder")
-    syn.add_argument("--size", type=int, default=2048, help="scene side in pixels (>= 2000)")
+    syn.add_argument("--size", type=int, default=2048, help="scene side in pixels (>= 256)")
     syn.add_argument("--scene-seed", type=int, default=0, help="seed of the generated scene")
     syn.add_argument("--no-baselines", action="store_true", help="skip the baseline measurements")
     _add_tiling_options(syn)

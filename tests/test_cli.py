@@ -62,3 +62,11 @@ def test_evaluate_bad_model_is_one_line(tmp_path, model, message, monkeypatch, c
     assert cli_main(["evaluate", "--model", model, "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith(f"iid evaluate: error: {message}")
+
+
+def test_prepare_synthetic_too_small_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "scene"
+    assert cli_main(["prepare", "synthetic", str(out), "--size", "128", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("scene size must be >= 256 px, got 128"), err
+    assert not out.exists()

@@ -49,3 +49,16 @@ def test_default_scene_defeats_colour_but_not_context():
     context = supervised_accuracy(img, cls, context=True)
     assert kmeans <= 0.7
     assert context >= 0.9 and context > colour + 0.04 and context > kmeans + 0.3
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ({"size": 128}, r"scene size must be >= 256 px, got 128"),
+        ({"size": 256, "roads": 200}, r"scene roads must be 0-136 per direction .* got 200"),
+        ({"roads": -1}, r"scene roads must be 0-1928 .* got -1"),
+    ],
+)
+def test_scene_spec_refuses_what_cannot_be_drawn(spec, match):
+    with pytest.raises(ValueError, match=match):
+        SceneSpec(**spec)

@@ -25,6 +25,7 @@ from pipeline.prepare.potsdam import COLOURS, POTSDAM3
 from pipeline.prepare.shards import write_json_atomic
 
 IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR = 0, 1, 2, 3, 4
+MIN_SCENE = 256
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,16 @@ class SceneSpec:
     seed: int = 0
     roads: int = 0  # per direction; 0: one per 256 px of side
     tiles: tuple[tuple[int, int], ...] = ((1, 1),)
+
+    def __post_init__(self) -> None:
+        # Buildings are up to 240 px a side and roads keep 60 px from the edges.
+        if self.size < MIN_SCENE:
+            raise ValueError(f"scene size must be >= {MIN_SCENE} px, got {self.size!r}")
+        if not 0 <= self.roads <= self.size - 120:
+            raise ValueError(
+                f"scene roads must be 0-{self.size - 120} per direction for a {self.size} px "
+                f"scene, got {self.roads!r}"
+            )
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
