@@ -131,6 +131,12 @@ class Config:
                 f"pairs.repeats: {self.pairs.repeats} needs data.pairs_on: worker "
                 f"(the actor pool makes one pair per image), got {self.data.pairs_on!r}"
             )
+        if self.pairs.augment_first and self.model.task != "clustering":
+            raise ConfigError(
+                f"pairs.augment_first: true needs model.task: clustering, got "
+                f"{self.model.task!r} (segmentation maps g(x)'s prediction back into x's "
+                f"frame, so x must stay untouched)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

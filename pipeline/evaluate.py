@@ -187,11 +187,14 @@ def paired_views(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Head B on a drawn pair of ``x``, per sub-head ``(p, q, mask)``.
 
-    ``probs`` is head B on ``x`` itself (the first view); ``q`` is head B on g(x), warped back
+    ``probs`` is head B on ``x`` itself (the first view; with ``pairs.augment_first`` the first
+    view is drawn too and head B runs on it instead); ``q`` is head B on g(x), warped back
     onto x's pixel grid for dense predictions, where ``mask`` marks the pixels seen by both
     views (None for whole-image clustering).
     """
     drawn = make_pairs(x, pairs, gen)
+    if pairs.augment_first:  # both views drawn, as in training
+        probs = model(drawn["x"], "B")
     out = []
     for p, q in zip(probs, model(drawn["gx"], "B"), strict=True):
         if task == "segmentation":

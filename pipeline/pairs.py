@@ -55,6 +55,10 @@ class PairConfig:
         rgb_bands: indices of the R, G, B bands to jitter; () jitters nothing (e.g. IR-R-G).
         repeats: pairs drawn from each image per step, each with its own g (the reference's
             ``num_dataloaders``, 5 for its clustering runs); drawn on the worker only.
+        augment_first: whole-image clustering only: the first view gets its own independent
+            draw of g too, so neither view is the clean image (the reference augments both
+            views of its clustering pairs). Segmentation needs the first view untouched, as g*
+            maps the second view's prediction back into its frame.
     """
 
     crop: int = 0
@@ -72,6 +76,7 @@ class PairConfig:
     noise: float = 0.0
     rgb_bands: tuple[int, ...] = (0, 1, 2)
     repeats: int = 1
+    augment_first: bool = False
 
     def __post_init__(self) -> None:
         if self.repeats < 1:
@@ -325,6 +330,16 @@ def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[s
         view whose counterpart lies inside the second view.
     """
     n, _, h, w = x.shape
+    gx, theta = _draw_view(x, cfg, gen)
+    if cfg.augment_first:  # drawn after g: g, its inverse and mask do not change with it
+        x, _ = _draw_view(x, cfg, gen)
+    mask = valid_mask(theta, h, w)
+    return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+
+
+def _draw_view(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator):
+    """(g(x), theta) for one fresh draw of g on every image of x."""
+    n = x.shape[0]
     theta = spatial_matrices(n, cfg, gen, x.device)
     gx = colour_jitter(x, cfg, gen)
     if cfg.affine and cfg.strength > 0:
@@ -333,9 +348,7 @@ def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[s
         # Flips move whole pixels: do them exactly, without interpolation.
         flipped = theta[:, 0, 0] < 0
         gx = torch.where(flipped.view(n, 1, 1, 1), gx.flip(-1), gx)
-    gx = _noisy(gx, cfg, gen)
-    mask = valid_mask(theta, h, w)
-    return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+    return _noisy(gx, cfg, gen), theta
 
 
 def fits_u8_path(raw: np.ndarray) -> bool:
@@ -368,8 +381,9 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
         gen: CPU random generator.
 
     Returns:
-        As ``make_pairs``, with ``x`` the input itself and ``gx`` uint8 (float32 in [0, 1] plus
-        the noise when ``cfg.noise`` is on, as noise leaves [0, 1]).
+        As ``make_pairs``, with ``x`` the input itself (unless ``cfg.augment_first``) and
+        ``gx`` uint8 (float32 in [0, 1] plus the noise when ``cfg.noise`` is on, as noise
+        leaves [0, 1]); so is ``x`` when it is drawn.
 
     Raises:
         ValueError: not uint8, more than 4 bands, or OpenCV missing.
@@ -380,6 +394,15 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
             f"make_pairs_u8 needs uint8 images of <= 4 bands and OpenCV, got "
             f"{raw.dtype} with {c} bands"
         )
+    gx, theta = _draw_view_u8(raw, cfg, gen)
+    x = _draw_view_u8(raw, cfg, gen)[0] if cfg.augment_first else raw
+    mask = valid_mask(theta, h, w)
+    return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+
+
+def _draw_view_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator):
+    """``_draw_view`` on uint8 images with OpenCV: (g(raw), theta)."""
+    n, _, h, w = raw.shape
     theta = spatial_matrices(n, cfg, gen, "cpu")
     colour = _colour_transforms(raw, cfg, gen)
     warped = cfg.affine and cfg.strength > 0
@@ -394,8 +417,7 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
     gx = torch.from_numpy(out)
     if _adds_noise(cfg):
         gx = _noisy(from_wire(gx), cfg, gen)
-    mask = valid_mask(theta, h, w)
-    return {"x": raw, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+    return gx, theta
 
 
 def _colour_transforms(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator):
@@ -546,7 +568,8 @@ class PairMaker:
         # through the object store limited the pool as much as drawing them (identity
         # transform: float16 views at about half the pairs per second of uint8 ones, measured).
         return {
-            "x": raw,  # the shard's own values: exact
+            # the shard's own values (exact), unless the first view is drawn too
+            "x": _wire(out["x"]) if self.cfg.augment_first else raw,
             "gx": _wire(out["gx"]),
             "inverse": out["inverse"].numpy(),
             "mask": out["mask"].numpy(),

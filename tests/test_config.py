@@ -49,6 +49,11 @@ def write(tmp_path, text):
         ("data: {shards: x}\nmodel: {task: detection}", [], r"model.task: expected one of"),
         ("data: {shards: x}\npairs: {strength: -2}", [], r"pairs: pairs.strength must be >= 0"),
         ("data: {shards: x}", ["pairs.repeats=5"], r"pairs.repeats: 5 needs data.pairs_on: worker"),
+        (
+            "data: {shards: x}",
+            ["pairs.augment_first=true"],
+            r"pairs.augment_first: true needs model.task: clustering, got 'segmentation'",
+        ),
         ("data: {shards: x}", ["nonsense"], r"expected section.key=value"),
         ("data: [unclosed", [], r"not valid YAML"),
     ],

@@ -128,6 +128,28 @@ def test_actors_8bit_path_draws_and_applies_the_same_g_as_make_pairs(bands, spat
     assert (ref["gx"] - ref["x"]).abs().mean().item() > 10 / 255  # g really changed colours
 
 
+@pytest.mark.parametrize("path", ["float", "uint8"])
+def test_augment_first_draws_the_first_view_too_and_leaves_g_as_it_was(path):
+    raw = as_u8(smooth_images(10, bands=3, size=32, seed=8))
+    x = torch.from_numpy(raw).float() / 255
+    plain = PairConfig(affine=True, shift=0.1, noise=0.05)
+    both = PairConfig(affine=True, shift=0.1, noise=0.05, augment_first=True)
+    ref = make_pairs(x, plain, torch.Generator().manual_seed(3))
+    if path == "uint8":
+        out = make_pairs_u8(raw, both, torch.Generator().manual_seed(3))
+        out = out | {"x": from_wire(out["x"]), "gx": from_wire(out["gx"])}
+    else:
+        out = make_pairs(x, both, torch.Generator().manual_seed(3))
+    # g is drawn first, so the second view and what undoes it are the plain config's
+    for key in ("theta", "inverse", "mask"):
+        assert torch.equal(out[key], ref[key]), key
+    assert (out["gx"] - ref["gx"]).abs().max().item() <= 1.5 / 255 + 1e-6
+    # the first view is a fresh draw: neither the clean image nor the second view
+    assert (out["x"] - x).abs().mean().item() > 10 / 255
+    assert (out["x"] - out["gx"]).abs().mean().item() > 10 / 255
+    assert out["x"].shape == x.shape
+
+
 def test_actors_8bit_path_refuses_what_it_cannot_do():
     cfg = PairConfig()
     with pytest.raises(ValueError, match="uint8 images of <= 4 bands"):
@@ -265,6 +287,13 @@ def test_pair_maker_sends_compact_views_that_decode_to_what_make_pairs_drew(shar
         tol = 1.5 / 255 if gx_dtype == np.uint8 else 1.5 / 255 + 1e-3  # 8-bit kernels
         assert (gx - drawn["gx"]).abs().max() <= tol
     assert from_wire(torch.tensor([0, 65535], dtype=torch.uint16)).tolist() == [0.0, 1.0]
+    # With augment_first the first view is drawn too and travels as the second does.
+    cfg = {"affine": True, "noise": 0.1, "augment_first": True}
+    sent = PairMaker(cfg, seed=3, deterministic=True)(batch)
+    drawn = make_pairs(images, PairConfig.from_dict(cfg), PairMaker(cfg, 3, True).gen)
+    assert sent["x"].dtype == np.float16
+    assert (from_wire(torch.from_numpy(sent["x"])) - drawn["x"]).abs().max() <= 1.5 / 255 + 1e-3
+    assert (from_wire(torch.from_numpy(sent["x"])) - images).abs().mean() > 10 / 255
 
 
 @pytest.mark.slow
