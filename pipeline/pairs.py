@@ -329,10 +329,15 @@ def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[s
         ``inverse`` (its inverse, for ``undo``), and ``mask`` (n, H, W): pixels of the first
         view whose counterpart lies inside the second view.
     """
-    n, _, h, w = x.shape
     gx, theta = _draw_view(x, cfg, gen)
     if cfg.augment_first:  # drawn after g: g, its inverse and mask do not change with it
         x, _ = _draw_view(x, cfg, gen)
+    return _pair(x, gx, theta)
+
+
+def _pair(x, gx, theta: torch.Tensor) -> dict:
+    """The pair as both ``make_pairs`` paths return it: views, g, g's inverse and mask."""
+    h, w = gx.shape[-2:]
     mask = valid_mask(theta, h, w)
     return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
 
@@ -388,16 +393,14 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
     Raises:
         ValueError: not uint8, more than 4 bands, or OpenCV missing.
     """
-    n, c, h, w = raw.shape
     if not fits_u8_path(raw):
         raise ValueError(
             f"make_pairs_u8 needs uint8 images of <= 4 bands and OpenCV, got "
-            f"{raw.dtype} with {c} bands"
+            f"{raw.dtype} with {raw.shape[1]} bands"
         )
     gx, theta = _draw_view_u8(raw, cfg, gen)
     x = _draw_view_u8(raw, cfg, gen)[0] if cfg.augment_first else raw
-    mask = valid_mask(theta, h, w)
-    return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+    return _pair(x, gx, theta)
 
 
 def _draw_view_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator):
