@@ -25,7 +25,12 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError
-from pipeline.losses import iid_clustering_loss, iid_segmentation_loss, mutual_information
+from pipeline.losses import (
+    iid_clustering_loss,
+    iid_segmentation_loss,
+    mutual_information,
+    symmetrise_normalise,
+)
 from pipeline.metrics import ClusterScores, cluster_scores
 from pipeline.pairs import PairConfig, decode_batch, make_pairs, undo
 from pipeline.prepare.shards import PrepareError, read_manifest
@@ -271,13 +276,10 @@ def evaluate_model(
     examples = [(img, preds[best], lab) for img, preds, lab in examples]
     counts_np = counts.view(s, k, n_classes).cpu().numpy()
     scores = [cluster_scores(c) if c.sum() else None for c in counts_np]
-    joints_np = joints.cpu().numpy()
-    joints_np = (joints_np + joints_np.transpose(0, 2, 1)) / 2
-    joints_np /= np.maximum(joints_np.sum(axis=(1, 2), keepdims=True), 1e-12)
     return Evaluation(
         counts=counts_np,
         losses=losses,
-        joints=joints_np,
+        joints=symmetrise_normalise(joints.cpu())[0].numpy(),
         mi=mi,
         scores=scores,
         best=best,

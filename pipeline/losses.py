@@ -62,7 +62,7 @@ def _mi_terms(joint: torch.Tensor, lamb: float) -> tuple[torch.Tensor, torch.Ten
     return i_lamb, i_one
 
 
-def _symmetrise_normalise(
+def symmetrise_normalise(
     joint: torch.Tensor, min_mass: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetrise (..., C, C) joints and normalise each to sum 1.
@@ -92,7 +92,7 @@ def mutual_information(joint: torch.Tensor) -> torch.Tensor:
     Returns:
         (...) mutual information, float64.
     """
-    joint, has_mass = _symmetrise_normalise(joint.double())
+    joint, has_mass = symmetrise_normalise(joint.double())
     mi = _mi_terms(joint, 1.0)[1]
     return torch.where(has_mass, mi, torch.zeros_like(mi))
 
@@ -148,7 +148,7 @@ def iid_clustering_loss(
         joint = p.T @ p_pair
         if joint_sum is not None:
             joint = joint_sum(joint)
-        joint, _ = _symmetrise_normalise(joint)
+        joint, _ = symmetrise_normalise(joint)
         i_lamb, i_one = _mi_terms(joint, lamb)
     return IIDLoss(loss=-i_lamb, mi=i_one)
 
@@ -310,7 +310,7 @@ def iid_segmentation_loss(
             joints = joints.sum(dim=0, keepdim=True)
         # Each valid pixel pair adds exactly 1 to a joint's mass (probabilities sum to 1), so
         # half a pair separates real pairs from FFT round-off at displacements with none.
-        joints, has_mass = _symmetrise_normalise(joints, min_mass=0.5)
+        joints, has_mass = symmetrise_normalise(joints, min_mass=0.5)
         i_lamb, i_one = _mi_terms(joints, lamb)
         # Displacements with no valid pair (tiny masks) drop out of the mean instead of
         # counting as zero information; an all-empty batch divides 0 by 0 -> NaN by design.
