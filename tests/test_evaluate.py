@@ -63,6 +63,12 @@ def test_the_chosen_subhead_is_the_most_informative_not_the_lowest_lambda_b_loss
     assert ev.losses[0] < ev.losses[1], ev.losses
     assert ev.mi[0] < 0.01 < 0.05 < ev.mi[1], ev.mi
     assert ev.best == 1
+    # P(z, z') as plotted (paper Fig. 2): symmetric, summing to 1 per sub-head; the sub-head that
+    # follows the image puts its mass on the diagonal, the blind one spreads it (trace ~0.5).
+    assert ev.joints.shape == (2, 2, 2)
+    np.testing.assert_allclose(ev.joints.sum(axis=(1, 2)), 1.0)
+    np.testing.assert_allclose(ev.joints, ev.joints.transpose(0, 2, 1))
+    assert np.trace(ev.joints[1]) > 0.9 > 0.6 > np.trace(ev.joints[0]), ev.joints
     assert ev.summary()["eval_mi"] == pytest.approx(ev.mi[1])
     assert ev.summary()["eval_best_subhead"] == 1.0
     table = format_evaluation(ev, classes).splitlines()
