@@ -271,7 +271,8 @@ def evaluate_model(
             preds = [p[i].argmax(0).cpu().numpy() for p in probs]  # every sub-head's, for now
             examples.append((images[i], preds, target[i].cpu().numpy()))
     losses = (loss_sum / max(batches, 1)).cpu().numpy()
-    mi = mutual_information(joints.cpu()).numpy()
+    joints = joints.cpu()
+    mi = mutual_information(joints).numpy()
     best = choose_subhead(mi)
     examples = [(img, preds[best], lab) for img, preds, lab in examples]
     counts_np = counts.view(s, k, n_classes).cpu().numpy()
@@ -279,7 +280,7 @@ def evaluate_model(
     return Evaluation(
         counts=counts_np,
         losses=losses,
-        joints=symmetrise_normalise(joints.cpu())[0].numpy(),
+        joints=symmetrise_normalise(joints)[0].numpy(),
         mi=mi,
         scores=scores,
         best=best,
