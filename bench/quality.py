@@ -112,16 +112,15 @@ def digits(work: Path, scale: float) -> tuple[dict, Path, list[str]]:
         | {"n_clusters_b": 10, "n_subheads": 5},
         "loss": {"lamb_a": 2.0, "lamb_b": 2.0},
         "optim": {"lr": 3e-3, "epochs": round(150 * scale)},
-        # g as pipeline.demo's DIGITS_PAIRS (no flip, no colour; small rotations, zooms and shifts
-        # plus pixel noise; both views drawn). One pair per image and step: in single-process runs,
-        # 5 (the reference's num_dataloaders) at lr 1e-3 did worse per minute than 1 at lr 3e-3.
-        # Both views drawn (augment_first): in single-process runs (all 1797 images, batch 100, 60
-        # epochs, lambda 1.5) seed 1 went from 0.81 with a clean first view to 0.96; lambda 2 took
-        # seed 0 from 0.94 to 0.96 (1s read as 2s and 9s as 8s are most of what is left) but was
-        # slower on seed 2. Through Ray (2 workers, 3 seeds): a clean first view, lambda 1.5, 60
-        # epochs gave a median of 0.776; both views, lambda 2, 100 epochs 0.947 (0.947, 0.882,
-        # 0.953); the same with lambda 3 0.895; with lambda 2 and 150 epochs 0.957 (0.957, 0.956,
-        # 0.958).
+        # g is pipeline.demo's DIGITS_PAIRS (its comment says why). One pair per image and step: in
+        # single-process runs, 5 (the reference's num_dataloaders) at lr 1e-3 did worse per minute
+        # than 1 at lr 3e-3. Both views drawn (augment_first): in single-process runs (all 1797
+        # images, batch 100, 60 epochs, lambda 1.5) seed 1 went from 0.81 with a clean first view to
+        # 0.96; lambda 2 took seed 0 from 0.94 to 0.96 (1s read as 2s and 9s as 8s are most of what
+        # is left) but was slower on seed 2. Through Ray (2 workers, 3 seeds): a clean first view,
+        # lambda 1.5, 60 epochs gave a median of 0.776; both views, lambda 2, 100 epochs 0.947
+        # (0.947, 0.882, 0.953); the same with lambda 3 0.895; with lambda 2 and 150 epochs 0.957
+        # (0.957, 0.956, 0.958).
         "pairs": asdict(DIGITS_PAIRS),
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
     }
