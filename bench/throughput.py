@@ -6,14 +6,20 @@ bare loop holds the tiles in memory and has no Ray, DDP or Ray Data. Ray's figur
 state (epochs after the first, from the per-phase timings each epoch reports), and the
 end-to-end wall time including cluster and worker start-up is printed beside it.
 
-It measures twice: with every core training, and with one core left free. With every core in
-the training threads, Ray's own processes (GCS, raylet, the Train controller, Ray Data's split
-coordinators and stats actor: about 9% of a core together while a worker trains, measured on 2
-cores) can only run by taking a core from a training thread, and every operator's thread
-barrier then waits for it. The second setting shows what the pipeline itself costs.
+It measures each model size twice: with every core training, and with one core left free. With
+every core in the training threads, Ray's own processes (GCS, raylet, the Train controller, Ray
+Data's split coordinators and stats actor: 9-13% of a core together while a worker trains,
+measured on 2 cores) can only run by taking a core from a training thread, and every operator's
+thread barrier then waits for it. The second setting shows what the pipeline itself costs.
 
-    python bench/throughput.py                      # generated scene, demo-sized model
-    python bench/throughput.py --epochs 4 --width 0.5
+Ray's cost per step (fetching a batch, starting a data pass, those barrier waits) grows far more
+slowly than the step's compute, so its share shrinks as the model grows. The default sizes are
+the demo's model (width 0.25, 64 px crops: ~0.1 s a step on 2 cores) and one with ~7x its
+compute per pair (width 0.5, 96 px crops), still far below the published configs (width 1,
+200 px crops, batch 75).
+
+    python bench/throughput.py                      # generated scene, both sizes
+    python bench/throughput.py --epochs 4 --sizes 0.25x64
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
 from pipeline.train import build_model, fit, train_epoch_head
 
 
-def config(shards: Path, work: Path, args, workers: int, cores: int, name: str) -> Config:
+def config(
+    shards: Path, work: Path, args, size: tuple[float, int], workers: int, cores: int, name: str
+) -> Config:
     return Config.from_dict(
         {
             "data": {
@@ -46,10 +54,10 @@ def config(shards: Path, work: Path, args, workers: int, cores: int, name: str) 
                 "merge": "potsdam3",
                 "pairs_on": "worker",
             },
-            "model": {"n_clusters_a": 9, "n_clusters_b": 3, "n_subheads": 2, "width": args.width},
+            "model": {"n_clusters_a": 9, "n_clusters_b": 3, "n_subheads": 2, "width": size[0]},
             "loss": {"lamb_a": 1.0, "lamb_b": 1.5, "half_window": 5},
             "optim": {"lr": 1e-3, "epochs": args.epochs},
-            "pairs": {"crop": args.crop},
+            "pairs": {"crop": size[1]},
             "scaling": {"num_workers": workers, "cpus_per_worker": cores / workers},
             "run": {
                 "name": name,
@@ -109,50 +117,69 @@ def with_ray(cfg: Config, n_tiles: int) -> tuple[float, float]:
     return pairs * len(steady) / sum(steady), pairs * cfg.optim.epochs / wall
 
 
+def parse_sizes(text: str) -> list[tuple[float, int]]:
+    """``"0.25x64,0.5x96"`` -> ``[(0.25, 64), (0.5, 96)]`` (model.width, pairs.crop)."""
+    sizes = []
+    for part in text.split(","):
+        width, _, crop = part.strip().partition("x")
+        try:
+            sizes.append((float(width), int(crop)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not WIDTHxCROP, e.g. 0.25x64") from None
+    return sizes
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=5, help="epochs per run (first one is warm-up)")
-    p.add_argument("--width", type=float, default=0.25, help="model.width")
-    p.add_argument("--crop", type=int, default=64, help="pairs.crop")
+    p.add_argument(
+        "--sizes",
+        type=parse_sizes,
+        default=parse_sizes("0.25x64,0.5x96"),
+        help="model sizes as WIDTHxCROP (model.width, pairs.crop), comma-separated",
+    )
     p.add_argument("--batch", type=int, default=8, help="data.batch_size per worker")
     p.add_argument("--size", type=int, default=1024, help="generated scene side (pixels)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="cores for training")
     args = p.parse_args()
     import ray
 
-    # (training threads, pipeline, pairs/s, pairs/s incl. start-up); bare first in each group
-    rows: list[tuple[int, str, float, float | None]] = []
+    # (size, training threads, pipeline, pairs/s, pairs/s incl. start-up); bare first in a group
+    rows: list[tuple[str, int, str, float, float | None]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         opts = TilingOptions(tile=128, stride=128, progress=False, test_fraction=0.1)
         prepare_synthetic(work / "data", opts, SceneSpec(size=args.size, seed=3), baselines=False)
         shards = work / "data" / "shards"
         ray.init(num_cpus=max(4, args.cores), include_dashboard=False, log_to_driver=False)
-        for cores in sorted({args.cores, max(1, args.cores - 1)}, reverse=True):
-            cfg1 = config(shards, work, args, 1, cores, f"w1-c{cores}")
-            rate, n_tiles = bare(cfg1, shards, cores)
-            rows.append((cores, "bare PyTorch, 1 process", rate, None))
-            rows.append((cores, "Ray Train, 1 worker", *with_ray(cfg1, n_tiles)))
-            if cores == args.cores:
-                cfg2 = config(shards, work, args, 2, cores, f"w2-c{cores}")
-                rows.append((cores, "Ray Train, 2 workers (DDP)", *with_ray(cfg2, n_tiles)))
+        for size in args.sizes:
+            tag = f"{size[0]:g}x{size[1]}"
+            for cores in sorted({args.cores, max(1, args.cores - 1)}, reverse=True):
+                cfg1 = config(shards, work, args, size, 1, cores, f"w1-c{cores}-{tag}")
+                rate, n_tiles = bare(cfg1, shards, cores)
+                rows.append((tag, cores, "bare PyTorch, 1 process", rate, None))
+                rows.append((tag, cores, "Ray Train, 1 worker", *with_ray(cfg1, n_tiles)))
+                if cores == args.cores:
+                    cfg2 = config(shards, work, args, size, 2, cores, f"w2-c{cores}-{tag}")
+                    ray2 = with_ray(cfg2, n_tiles)
+                    rows.append((tag, cores, "Ray Train, 2 workers (DDP)", *ray2))
         ray.shutdown()
     print(
-        f"\n{n_tiles} training tiles, crop {args.crop}, batch {args.batch}/worker, "
-        f"width {args.width}, {args.epochs} epochs, {os.cpu_count()} cores on this machine"
+        f"\n{n_tiles} training tiles, batch {args.batch}/worker, {args.epochs} epochs, "
+        f"{os.cpu_count()} cores on this machine"
     )
-    head = f"{'threads':>7}  {'pipeline':<28}{'pairs/s':>10}{'vs bare':>9}"
+    head = f"{'width x crop':>12}{'threads':>9}  {'pipeline':<28}{'pairs/s':>10}{'vs bare':>9}"
     print(head + f"{'pairs/s incl. start-up':>25}")
-    for cores, name, rate, wall in rows:
+    for tag, cores, name, rate, wall in rows:
         if wall is None:
             base = rate
         print(
-            f"{cores:>7}  {name:<28}{rate:>10.1f}{rate / base:>9.2f}"
+            f"{tag:>12}{cores:>9}  {name:<28}{rate:>10.1f}{rate / base:>9.2f}"
             + (f"{wall:>25.1f}" if wall is not None else "")
         )
     print(
-        "threads: torch threads of the bare loop, the CPUs (and threads) of the Ray run in all; "
-        "a core left free runs Ray's own processes"
+        "width x crop: model.width and pairs.crop; threads: torch threads of the bare loop, the "
+        "CPUs (and threads) of the Ray run in all; a core left free runs Ray's own processes"
     )
     print("goal: Ray 1 worker >= 0.9 of bare")
     print("command: python " + " ".join(shlex.quote(a) for a in sys.argv))
