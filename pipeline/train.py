@@ -582,10 +582,10 @@ def _rows(path: str | list[str], materialize: bool, deal_seed: int | None = None
 
     With ``deal_seed`` (training), every pass deals the rows out to the workers afresh: the
     rows are put in a random order once (seeded), cut into blocks of ``DEAL_ROWS``, and the
-    block order is randomised per pass. Otherwise a split hands each worker the same contiguous
-    part of the shards every pass: a fixed spatial half of the scene per worker, whose batch
-    norm statistics then differ by region. On potsdam-mini P3 (2 workers, one seed, 3 epochs)
-    that cost 0.06-0.22 ACC per sub-head (measured).
+    block order is drawn anew per pass from ``deal_seed``. Otherwise a split hands each worker
+    the same contiguous part of the shards every pass: a fixed spatial half of the scene per
+    worker, whose batch norm statistics then differ by region. On potsdam-mini P3 (2 workers,
+    one seed, 3 epochs) that cost 0.06-0.22 ACC per sub-head (measured).
     A stream too large to materialise keeps the shards' order.
     """
     import ray.data
@@ -599,14 +599,23 @@ def _rows(path: str | list[str], materialize: bool, deal_seed: int | None = None
                 return ray.data.from_arrow(table)
             table = table.take(np.random.default_rng(deal_seed).permutation(len(table)))
             blocks = [table.slice(i, DEAL_ROWS) for i in range(0, len(table), DEAL_ROWS)]
-            return ray.data.from_arrow(blocks).randomize_block_order()
+            return ray.data.from_arrow(blocks).randomize_block_order(seed=_pass_seed(deal_seed))
     # A quarter CPU per read task: with the workers' reservations (and a stopped Tune trial's
     # not yet released) a whole CPU may never come free on a small machine, and the read waits.
     ds = ray.data.read_parquet(path, num_cpus=0.25)
     if not materialize:
         return ds
     ds = ds.materialize()
-    return ds if deal_seed is None else ds.randomize_block_order()
+    return ds if deal_seed is None else ds.randomize_block_order(seed=_pass_seed(deal_seed))
+
+
+def _pass_seed(seed: int):
+    """A block order seeded from ``seed`` and new on every pass (Ray Data counts the passes,
+    its ``execution_idx``), so a run repeats exactly with the same ``run.seed``. A bare
+    int would give every pass the same order; no seed, a new order every run."""
+    from ray.data import RandomSeedConfig
+
+    return RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
 def _small_table(dirs: list[str]):

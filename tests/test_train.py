@@ -252,6 +252,19 @@ def test_each_pass_deals_the_training_rows_to_the_workers_afresh(shards, ray_clu
     assert kept[0][0] == kept[1][0]
 
 
+def test_the_deal_is_new_each_pass_and_repeats_with_the_seed(shards, ray_cluster):
+    def orders(seed: int) -> list[tuple]:
+        """The row order of 3 passes over a freshly built training dataset."""
+        ds = _rows(str(shards / "train"), True, deal_seed=seed)
+        passes = [ds.iter_batches(batch_size=64, batch_format="numpy") for _ in range(3)]
+        return [tuple(t for b in it for t in b["tile_id"]) for it in passes]
+
+    first = orders(0)
+    assert len(set(first)) == 3  # every pass its own order
+    assert orders(0) == first  # the same run.seed: the same orders, pass by pass
+    assert orders(1) != first
+
+
 def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     cfg = config(shards, tmp_path)
     model = build_model(cfg)
