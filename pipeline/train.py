@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -46,6 +47,9 @@ from pipeline.pairs import (
     random_crops,
     undo,
 )
+
+if TYPE_CHECKING:  # Ray is imported where it is used: the core runs without a cluster
+    from ray.data import RandomSeedConfig
 
 log = logging.getLogger(__name__)
 
@@ -609,7 +613,7 @@ def _rows(path: str | list[str], materialize: bool, deal_seed: int | None = None
     return ds if deal_seed is None else ds.randomize_block_order(seed=_pass_seed(deal_seed))
 
 
-def _pass_seed(seed: int):
+def _pass_seed(seed: int) -> RandomSeedConfig:
     """A block order seeded from ``seed`` and new on every pass (Ray Data counts the passes,
     its ``execution_idx``), so a run repeats exactly with the same ``run.seed``. A bare
     int would give every pass the same order; no seed, a new order every run."""
