@@ -335,7 +335,9 @@ def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[s
     return _pair(x, gx, theta)
 
 
-def _pair(x, gx, theta: torch.Tensor) -> dict:
+def _pair(
+    x: torch.Tensor | np.ndarray, gx: torch.Tensor | np.ndarray, theta: torch.Tensor
+) -> dict[str, torch.Tensor | np.ndarray]:
     """The pair as both ``make_pairs`` paths return it: views, g, g's inverse and mask."""
     h, w = gx.shape[-2:]
     mask = valid_mask(theta, h, w)

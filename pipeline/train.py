@@ -48,7 +48,8 @@ from pipeline.pairs import (
     undo,
 )
 
-if TYPE_CHECKING:  # Ray is imported where it is used: the core runs without a cluster
+# Ray is imported inside the functions that use it, so importing this module does not load it.
+if TYPE_CHECKING:
     from ray.data import RandomSeedConfig
 
 log = logging.getLogger(__name__)
