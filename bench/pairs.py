@@ -21,16 +21,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import pairs
-from pipeline.pairs import (
-    PairConfig,
-    keep_freed_memory,
-    make_pairs,
-    make_pairs_u8,
-    pair_dataset,
-    spatial_matrices,
-    warp,
-)
+from pipeline import augment
+from pipeline.augment import make_pairs, make_pairs_u8, spatial_matrices, warp
+from pipeline.config import PairConfig
+from pipeline.data.pairs import keep_freed_memory, pair_dataset
 from pipeline.prepare.folder import prepare_folder
 from pipeline.prepare.run import TilingOptions
 
@@ -75,7 +69,7 @@ def resample_only(n_batches: int, batch: int, kernel: str, rounds: int = 5) -> f
     if kernel == "grid_sample":
 
         def step():
-            u, v = pairs._coords(theta, 200, 200)
+            u, v = augment._coords(theta, 200, 200)
             F.grid_sample(x, torch.stack([u, v], -1), align_corners=False)
 
     else:

@@ -30,15 +30,17 @@ import torch
 from sklearn.cluster import KMeans
 
 from pipeline.config import Config
+from pipeline.data.format import label_lut, read_manifest
+from pipeline.data.read import iter_tiles
 from pipeline.demo import DIGITS_PAIRS
-from pipeline.evaluate import evaluate_uri, iter_tiles
+from pipeline.evaluate import evaluate_uri
 from pipeline.metrics import cluster_scores
+from pipeline.models import build_model
 from pipeline.prepare.clustering import prepare_digits
 from pipeline.prepare.potsdam import prepare_potsdam
 from pipeline.prepare.run import TilingOptions
-from pipeline.prepare.shards import read_manifest
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
-from pipeline.train import build_model, fit, label_lut
+from pipeline.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 POTSDAM_MINI = ROOT.parent / "shared" / "data" / "potsdam-mini"
@@ -165,7 +167,7 @@ def _kmeans_on_pixels(cfg: Config, images: np.ndarray, labels: np.ndarray, k: in
 
 def _random_network(cfg: Config, images: np.ndarray, labels: np.ndarray, k: int) -> tuple:
     torch.manual_seed(0)
-    net = build_model(cfg).eval()
+    net = build_model(cfg.model).eval()
     with torch.no_grad():
         feats = torch.cat(
             [net.features(torch.from_numpy(images[i : i + 16])) for i in range(0, len(images), 16)]

@@ -35,12 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.augment import random_crops
+from pipeline.checkpoint import CHECKPOINT_FILE
 from pipeline.config import Config
-from pipeline.evaluate import CHECKPOINT_FILE, iter_tiles
-from pipeline.pairs import random_crops
+from pipeline.data.read import iter_tiles
+from pipeline.models import build_model
 from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
-from pipeline.train import build_model, fit, train_epoch_head
+from pipeline.train import fit, train_epoch_head
 
 
 def config(
@@ -92,7 +94,7 @@ def bare(cfg: Config, shards: Path, threads: int) -> tuple[float, int]:
     labels = np.concatenate([t[1] for t in tiles])
     tiles = InMemoryTiles(images, labels, cfg.pairs.crop, cfg.data.batch_size)
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
     gen = torch.Generator().manual_seed(0)
     dev = torch.device("cpu")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import apply_overrides  # noqa: E402
 from pipeline.prepare.run import TilingOptions  # noqa: E402
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic  # noqa: E402
-from pipeline.tune import SearchOptions, format_table, run_search  # noqa: E402
+from pipeline.tune.search import SearchOptions, format_table, run_search  # noqa: E402
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.prepare.shards import BadFilesError, PrepareError
+from pipeline.data.format import PrepareError
+from pipeline.prepare.shards import BadFilesError
 
 log = logging.getLogger("pipeline")
 
@@ -29,18 +30,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    """``--set`` values, then the tracking URI of ``--tracking-uri`` or MLFLOW_TRACKING_URI."""
-    import os
-
+    """``--set`` values, then ``--tracking-uri`` (``tracking.resolve_uri`` falls back on
+    $MLFLOW_TRACKING_URI, then ./mlflow.db)."""
     overrides = list(args.set or [])
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        overrides.append(f"run.tracking_uri={uri}")
+    if args.tracking_uri:
+        overrides.append(f"run.tracking_uri={args.tracking_uri}")
     return overrides
 
 
 def _train(args: argparse.Namespace) -> int:
-
     from pipeline.config import load_config
     from pipeline.train import fit
 
@@ -67,12 +65,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-
     from pipeline.config import ConfigError, apply_overrides
-    from pipeline.tune import SearchOptions, format_table, resume_search, run_search
+    from pipeline.tune.search import SearchOptions, format_table, resume_search, run_search
 
     # Trial progress lines are the point of a long search: shown without -v too.
-    logging.getLogger("pipeline.tune").setLevel(logging.INFO)
+    logging.getLogger("pipeline.tune.search").setLevel(logging.INFO)
     if args.resume:
         if args.config or args.space:
             raise ConfigError("--resume PATH takes no --config or --space (the search keeps them)")
@@ -134,7 +131,7 @@ def _read_yaml(path: str) -> dict:
 
 def _print_baselines(cfg) -> None:
     """Baselines recorded in the manifest for this class merge (the generated scene has them)."""
-    from pipeline.prepare.shards import read_manifest
+    from pipeline.data.format import read_manifest
 
     recorded = read_manifest(cfg.data.shards).get(f"baselines_{cfg.data.merge}", {})
     for name, acc in recorded.items():
@@ -142,16 +139,11 @@ def _print_baselines(cfg) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import os
-
+    from pipeline import tracking
     from pipeline.evaluate import evaluate_uri, format_evaluation
-    from pipeline.track import write_plots
-    from pipeline.train import default_tracking_uri
+    from pipeline.plots import write_plots
 
-    if args.tracking_uri or "MLFLOW_TRACKING_URI" not in os.environ:
-        import mlflow
-
-        mlflow.set_tracking_uri(args.tracking_uri or default_tracking_uri())
+    tracking.use(tracking.resolve_uri(args.tracking_uri))
     ev, classes, _ = evaluate_uri(args.model, args.data, args.split, args.merge)
     print(format_evaluation(ev, classes))
     if args.plots:
@@ -160,20 +152,29 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# TilingOptions field <- argparse destination, for the options a `prepare` kind takes.
+_TILING_FLAGS = {
+    "tile": "tile",
+    "stride": "stride",
+    "scale": "downscale",
+    "test_fraction": "test_fraction",
+    "seed": "seed",
+    "rows_per_shard": "rows_per_shard",
+    "compression": "compression",
+    "skip_bad": "skip_bad",
+}
+
+
 def _tiling(args: argparse.Namespace):
+    """TilingOptions from the flags this kind of data accepts; the others keep their defaults."""
     from pipeline.prepare.run import TilingOptions
 
-    return TilingOptions(
-        tile=args.tile,
-        stride=args.stride or args.tile,
-        scale=args.downscale,
-        test_fraction=args.test_fraction,
-        seed=args.seed,
-        rows_per_shard=args.rows_per_shard,
-        compression=args.compression,
-        skip_bad=args.skip_bad,
-        progress=not args.no_progress,
-    )
+    given = {f: getattr(args, a) for f, a in _TILING_FLAGS.items() if hasattr(args, a)}
+    if "stride" in given:
+        given["stride"] = given["stride"] or given["tile"]
+    if hasattr(args, "no_progress"):
+        given["progress"] = not args.no_progress
+    return TilingOptions(**given)
 
 
 def _report(manifest: dict, out: Path) -> int:
@@ -244,7 +245,33 @@ def _prepare_clustering(args: argparse.Namespace) -> int:
     return _report(manifest, out)
 
 
-def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
+# ------------------------------------------------------------------------------ the parser
+def _tracking_option() -> argparse.ArgumentParser:
+    """--tracking-uri, as train, tune and evaluate take it."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
+    )
+    return p
+
+
+def _config_options(tracking: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--set and --tracking-uri, as train and tune take them."""
+    p = argparse.ArgumentParser(add_help=False, parents=[tracking])
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set loss.lamb_b=2 (repeatable)",
+    )
+    return p
+
+
+def _tiling_options(tile: int = 200) -> argparse.ArgumentParser:
+    """How rasters are cut into tiles (the raster kinds of `prepare`)."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--tile",
         type=int,
@@ -264,6 +291,13 @@ def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
         help="output pixels per source pixel, "
         "in (0, 1]; the reference uses 0.5 for Potsdam (images bilinear, labels nearest)",
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _split_options() -> argparse.ArgumentParser:
+    """The deterministic hold-out of labelled data (kinds whose files do not name the split)."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--test-fraction",
         type=float,
@@ -271,6 +305,12 @@ def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
         help="share of labelled tiles held out as the test split (default %(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the deterministic train/test split")
+    return p
+
+
+def _output_options() -> argparse.ArgumentParser:
+    """How shards are written (every kind of `prepare`)."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--rows-per-shard", type=int, default=256, help="tiles per Parquet file")
     p.add_argument(
         "--compression",
@@ -284,16 +324,10 @@ def _add_tiling_options(p: argparse.ArgumentParser, tile: int = 200) -> None:
         help="exit 0 even if some files were "
         "skipped as unreadable (they are listed in the manifest either way)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="iid",
-        description="Invariant Information Distillation: unsupervised clustering and segmentation.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="run the main job end to end on embedded data",
@@ -306,29 +340,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
 
+
+def _add_train(sub, run: argparse.ArgumentParser) -> None:
     train = sub.add_parser(
         "train",
+        parents=[run],
         help="train IID with Ray Train (DDP) and log to MLflow",
         description="Train IID on prepared shards: Ray Train workers (gloo on CPU, NCCL on GPU), "
         "a checkpoint every epoch, evaluation every epoch, MLflow tracking. Re-running the same "
         "run.name resumes from its last checkpoint.",
     )
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
-    train.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set loss.lamb_b=2 (repeatable)",
-    )
-    train.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
-    )
     train.set_defaults(func=_train)
 
+
+def _add_tune(sub, run: argparse.ArgumentParser) -> None:
     tune = sub.add_parser(
         "tune",
+        parents=[run],
         help="search hyperparameters with Ray Tune (ASHA, Optuna), tracked in MLflow",
         description="Search a space of config values (tune_spaces/*.yaml): every trial is a Ray "
         "Train run of the config with sampled values; ASHA stops weak trials early. Trials are "
@@ -339,9 +368,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--config", help="base YAML config (see configs/)")
     tune.add_argument("--space", help="search space YAML (see tune_spaces/)")
-    tune.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a base config value"
-    )
     tune.add_argument(
         "--resume",
         metavar="PATH",
@@ -378,15 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=int, help="training workers per trial (scaling)")
     tune.add_argument("--cpus-per-worker", type=float, help="CPUs per training worker")
     tune.add_argument("--gpu", action="store_true", help="one GPU per training worker")
-    tune.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)",
-    )
     tune.set_defaults(func=_tune)
 
+
+def _add_evaluate(sub, tracking: argparse.ArgumentParser) -> None:
     ev = sub.add_parser(
         "evaluate",
+        parents=[tracking],
         help="score a trained model on prepared shards (ACC, NMI, ARI per sub-head)",
         description="Evaluate head B of a model with Hungarian-matched ACC, NMI and ARI from "
         "streamed confusion counts; the sub-head with the lowest lambda=1 IID loss (the highest "
@@ -408,21 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge", default=None, help="class merge, e.g. potsdam3 (default: the model's)"
     )
     ev.add_argument("--plots", default="", help="also write joint/confusion/overlay PNGs here")
-    ev.add_argument(
-        "--tracking-uri",
-        default="",
-        help="MLflow store for models:/ URIs (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)",
-    )
     ev.set_defaults(func=_evaluate)
 
+
+def _add_prepare(sub) -> None:
     prep = sub.add_parser(
         "prepare",
         help="tile raw data into Parquet shards",
         description="Tile raw imagery into Parquet shards plus manifest.json.",
     )
     kinds = prep.add_subparsers(dest="kind", required=True)
+    output, split = _output_options(), _split_options()
+    rasters = [_tiling_options(), split, output]  # every option a raster kind takes
     pots = kinds.add_parser(
         "potsdam",
+        parents=rasters,
         help="ISPRS Potsdam release layout",
         description="Tile an ISPRS Potsdam release (2_Ortho_RGB, 3_Ortho_IRRG, 4_Ortho_RGBIR, "
         "5_Labels_all[_noBoundary]) into shards. Labels keep the 6 classes; black boundaries and "
@@ -443,11 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="noboundary",
         help="5_Labels_all_noBoundary (eroded edges ignored) or 5_Labels_all",
     )
-    _add_tiling_options(pots)
     pots.set_defaults(func=_prepare_potsdam)
 
     fold = kinds.add_parser(
         "folder",
+        parents=rasters,
         help="a folder of your own PNG/JPEG/TIFF images (no labels)",
         description="Tile every PNG/JPEG/TIFF under SRC (recursively) into the unlabelled split. "
         "Other files are reported as bad input.",
@@ -460,11 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="required band count (default: that of the first image)",
     )
-    _add_tiling_options(fold)
     fold.set_defaults(func=_prepare_folder)
 
     syn = kinds.add_parser(
         "synthetic",
+        parents=rasters,
         help="the generated aerial-like scene behind `make demo`",
         description="Generate an aerial-like scene as GeoTIFFs in the Potsdam layout under "
         "OUT/raw, then prepare it like real Potsdam data into OUT/shards; records colour-only "
@@ -474,11 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--size", type=int, default=2048, help="scene side in pixels (>= 256)")
     syn.add_argument("--scene-seed", type=int, default=0, help="seed of the generated scene")
     syn.add_argument("--no-baselines", action="store_true", help="skip the baseline measurements")
-    _add_tiling_options(syn)
     syn.set_defaults(func=_prepare_synthetic)
 
     coco = kinds.add_parser(
         "cocostuff",
+        parents=[_tiling_options(tile=128), split, output],
         help="COCO-Stuff 164k layout -> COCO-Stuff-3 or -15",
         description="Map COCO-Stuff fine labels to the 27 coarse classes and to the subset "
         "(3: sky/plant/ground, 15: the stuff superclasses; other pixels ignored), curate, "
@@ -510,18 +534,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep images whose shorter side is at least this many pixels (reference 360)",
     )
     coco.add_argument("--ids", default=None, help="file of image ids to keep instead of the rule")
-    _add_tiling_options(coco, tile=128)
     coco.set_defaults(func=_prepare_cocostuff)
 
+    # Whole images: no tiling; the files name the split (mnist, stl10) or a hash of each image
+    # does (digits, classes).
     whole = {
-        "digits": "scikit-learn's 8x8 digits, shipped inside the package (no SRC)",
-        "mnist": "MNIST IDX files (train-/t10k-images-idx3-ubyte[.gz] and labels) in SRC",
-        "stl10": "STL-10 binary files (train_X.bin, train_y.bin, test_*, unlabeled_X.bin) in SRC",
-        "classes": "a folder with one sub-folder of images per class",
+        "digits": ("scikit-learn's 8x8 digits, shipped inside the package (no SRC)", True),
+        "mnist": ("MNIST IDX files (train-/t10k-images-idx3-ubyte[.gz] and labels) in SRC", False),
+        "stl10": (
+            "STL-10 binary files (train_X.bin, train_y.bin, test_*, unlabeled_X.bin) in SRC",
+            False,
+        ),
+        "classes": ("a folder with one sub-folder of images per class", True),
     }
-    for kind, text in whole.items():
+    for kind, (text, hashed) in whole.items():
         p = kinds.add_parser(
             kind,
+            parents=[split, output] if hashed else [output],
             help=f"whole images for clustering: {text}",
             description=f"Write {text} as shards, one image per row with its class id.",
         )
@@ -535,8 +564,23 @@ def build_parser() -> argparse.ArgumentParser:
                 default=0,
                 help="resize every image to SIZE x SIZE (default: keep sizes)",
             )
-        _add_tiling_options(p)
         p.set_defaults(func=_prepare_clustering)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iid",
+        description="Invariant Information Distillation: unsupervised clustering and segmentation.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tracking = _tracking_option()
+    run = _config_options(tracking)
+    _add_demo(sub)
+    _add_train(sub, run)
+    _add_tune(sub, run)
+    _add_evaluate(sub, tracking)
+    _add_prepare(sub)
     return parser
 
 

@@ -1,8 +1,11 @@
-"""One typed configuration for a training run: a frozen dataclass tree.
+"""One typed configuration for a training run: a frozen dataclass tree, at the bottom of the
+package (it imports nothing of it).
 
 Loaded from YAML, overridden with ``--set section.key=value``, sent to Ray workers as a plain
 dict and rebuilt there with the same validation: an unknown key, a missing required key, a wrong
-type or an out-of-range value fails loudly, naming the dotted key and the bad value.
+type or an out-of-range value fails loudly, naming the dotted key and the bad value. ``Job`` is
+what a training worker receives: the config plus what the driver derived from the shards and the
+tracking store, typed too.
 """
 
 from __future__ import annotations
@@ -16,11 +19,72 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.pairs import PairConfig
-
 
 class ConfigError(ValueError):
     """A configuration problem, phrased as one line naming the key."""
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """How g is drawn. Ranges are at ``strength`` 1; each is multiplied by ``strength``.
+
+    Attributes:
+        crop: side of the random square crop taken from each tile (0: the whole tile).
+        strength: scales all jitter and affine ranges.
+        brightness, contrast, saturation: factors drawn from [1 - v, 1 + v].
+        hue: hue shift drawn from [-v, v] (in turns).
+        flip: horizontal flip with probability 0.5.
+        affine: random rotation / shear / scale / shift.
+        rotation, shear: degrees, drawn from [-v, v].
+        scale: zoom drawn from [1 - v, 1 + v].
+        shift: translation along each axis drawn from [-v, v], as a fraction of half the tile
+            side (``affine_grid`` units: 0.1 moves a 200 px tile by up to 10 px).
+        noise: standard deviation of Gaussian noise added to every band of the second view
+            (values in [0, 1]; not clamped), which stops a clustering net from matching the
+            two views on exact pixel values.
+        rgb_bands: indices of the R, G, B bands to jitter; () jitters nothing (e.g. IR-R-G).
+        repeats: pairs drawn from each image per step, each with its own g (the reference's
+            ``num_dataloaders``, 5 for its clustering runs); drawn on the worker only.
+        augment_first: whole-image clustering only: the first view gets its own independent
+            draw of g too, so neither view is the clean image (the reference augments both
+            views of its clustering pairs). Segmentation needs the first view untouched, as g*
+            maps the second view's prediction back into its frame.
+    """
+
+    crop: int = 0
+    strength: float = 1.0
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.125
+    flip: bool = True
+    affine: bool = False
+    rotation: float = 30.0
+    shear: float = 10.0
+    scale: float = 0.2
+    shift: float = 0.0
+    noise: float = 0.0
+    rgb_bands: tuple[int, ...] = (0, 1, 2)
+    repeats: int = 1
+    augment_first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1:
+            raise ValueError(f"pairs.repeats must be >= 1, got {self.repeats!r}")
+        if self.strength < 0:
+            raise ValueError(f"pairs.strength must be >= 0, got {self.strength!r}")
+        if self.shift < 0 or self.noise < 0:
+            raise ValueError(
+                f"pairs.shift and pairs.noise must be >= 0, got {self.shift!r}, {self.noise!r}"
+            )
+        if self.crop < 0:
+            raise ValueError(f"pairs.crop must be >= 0, got {self.crop!r}")
+        if len(self.rgb_bands) not in (0, 3):
+            raise ValueError(f"pairs.rgb_bands must name 3 bands or none, got {self.rgb_bands!r}")
+        if self.strength * self.scale >= 1:
+            raise ValueError(
+                f"pairs.scale * strength must be < 1, got {self.scale * self.strength}"
+            )
 
 
 @dataclass(frozen=True)
@@ -143,7 +207,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        return _build(cls, d, "")
+        return build(cls, d)
 
     def flat(self) -> dict[str, Any]:
         """``{"loss.lamb_b": 1.5, ...}``: MLflow params."""
@@ -154,12 +218,46 @@ class Config:
         }
 
 
+@dataclass(frozen=True)
+class Job:
+    """One training run as its workers receive it: the config and what the driver derived.
+
+    Attributes:
+        config: the run's config.
+        classes: names of the evaluated classes (after ``data.merge``).
+        lut: 256 entries: stored label id -> evaluated class (255: ignored).
+        tracking_uri, run_id: the MLflow run rank 0 logs every epoch to.
+        eval_pairs: how the held-out pairs of the per-epoch MI are drawn (a search scores every
+            trial on its base config's pairs, so that trials compare).
+    """
+
+    config: Config
+    classes: tuple[str, ...]
+    lut: tuple[int, ...]
+    tracking_uri: str
+    run_id: str
+    eval_pairs: PairConfig
+
+    def to_dict(self) -> dict:
+        """Plain values (what crosses to Ray workers)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Job:
+        return build(cls, d)
+
+
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
-def _build(cls: type, d: object, prefix: str):
+def build(cls: type, d: object, prefix: str = ""):
+    """An instance of the config dataclass ``cls`` from a plain dict, every field checked.
+
+    Raises:
+        ConfigError: one line naming the dotted key (``prefix`` + field) and the bad value.
+    """
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
@@ -174,7 +272,7 @@ def _build(cls: type, d: object, prefix: str):
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ConfigError(f"{key}: missing required key")
             continue
-        kwargs[f.name] = _coerce(hints[f.name], d[f.name], key)
+        kwargs[f.name] = coerce(hints[f.name], d[f.name], key)
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -183,9 +281,11 @@ def _build(cls: type, d: object, prefix: str):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
 
 
-def _coerce(tp: object, value: object, key: str):
+def coerce(tp: object, value: object, key: str):
+    """``value`` as the field type ``tp`` (nested dataclasses built), or a ConfigError naming
+    ``key``."""
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.")
+        return build(tp, value, f"{key}.")
     origin = typing.get_origin(tp)
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -195,11 +295,11 @@ def _coerce(tp: object, value: object, key: str):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         inner = typing.get_args(tp)[0]
-        return tuple(_coerce(inner, v, key) for v in value)
+        return tuple(coerce(inner, v, key) for v in value)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
             try:
-                return _coerce(option, value, key)
+                return coerce(option, value, key)
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: {value!r} matches none of {tp}")

@@ -53,7 +53,7 @@ def confusion_counts(
 
 
 class ConfusionAccumulator:
-    """Running (K, M) counts; ``update`` per batch, ``merge`` across workers.
+    """Running (K, M) counts; ``update`` per batch (workers' counts add up).
 
     Args:
         n_clusters: K.
@@ -76,16 +76,6 @@ class ConfusionAccumulator:
             self.n_classes,
             None if valid is None else valid.to(self.counts.device),
         )
-
-    def merge(self, other: ConfusionAccumulator) -> ConfusionAccumulator:
-        """Add another accumulator's counts (for example from another worker) in place."""
-        if other.counts.shape != self.counts.shape:
-            raise ValueError(
-                f"cannot merge counts of shape {tuple(other.counts.shape)} into "
-                f"{tuple(self.counts.shape)}"
-            )
-        self.counts += other.counts.to(self.counts.device)
-        return self
 
     def numpy(self) -> np.ndarray:
         return self.counts.cpu().numpy()

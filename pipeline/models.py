@@ -9,12 +9,15 @@ the best one without labels (the highest I(z, z'), i.e. the lowest lambda=1 loss
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet34
+
+from pipeline.config import ModelConfig
 
 Head = Literal["A", "B"]
 SobelMode = Literal["none", "append", "replace"]
@@ -90,19 +93,45 @@ def _check_heads(n_clusters_a: int, n_clusters_b: int, n_subheads: int) -> None:
 
 
 class _TwoHeads(nn.Module):
-    """Sub-head plumbing shared by both networks."""
+    """What both networks share: the input check, the optional Sobel stage before the trunk, and
+    the two heads of sub-heads."""
 
+    in_channels: int
+    sobel: Sobel | None
+    trunk: nn.Module
     heads: nn.ModuleDict
+
+    def _input_stage(self, in_channels: int, sobel: SobelMode) -> int:
+        """Set up the input (bands, Sobel); returns the channel count the trunk receives."""
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels!r}")
+        self.in_channels = in_channels
+        self.sobel = None if sobel == "none" else Sobel(sobel, colour_channels=min(3, in_channels))
+        return in_channels + (self.sobel.extra_channels() if self.sobel else 0)
+
+    @staticmethod
+    def _two_heads(
+        layer: Callable[[int], nn.Module], n_clusters_a: int, n_clusters_b: int, n_subheads: int
+    ) -> nn.ModuleDict:
+        """Heads A and B of ``n_subheads`` sub-heads each; ``layer(k)`` makes one of k outputs."""
+        return nn.ModuleDict(
+            {
+                "A": nn.ModuleList(layer(n_clusters_a) for _ in range(n_subheads)),
+                "B": nn.ModuleList(layer(n_clusters_b) for _ in range(n_subheads)),
+            }
+        )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk features: (n, 512, H/2, W/2) for segmentation, (n, 512) for clustering
+        (fewer channels with a narrower segmentation trunk)."""
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (n, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        return self.trunk(self.sobel(x) if self.sobel is not None else x)
 
     def _pick(self, head: Head) -> nn.ModuleList:
         if head not in ("A", "B"):
             raise ValueError(f"head must be 'A' or 'B', got {head!r}")
         return self.heads[head]
-
-    def n_clusters(self, head: Head) -> int:
-        """Number of outputs of each sub-head of ``head``."""
-        layer = self._pick(head)[0]
-        return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
 
 class SegmentationNet(_TwoHeads):
@@ -132,11 +161,7 @@ class SegmentationNet(_TwoHeads):
     ):
         super().__init__()
         _check_heads(n_clusters_a, n_clusters_b, n_subheads)
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels!r}")
-        self.in_channels = in_channels
-        self.sobel = None if sobel == "none" else Sobel(sobel, colour_channels=min(3, in_channels))
-        c = in_channels + (self.sobel.extra_channels() if self.sobel else 0)
+        c = self._input_stage(in_channels, sobel)
         layers: list[nn.Module] = []
         for spec in VGG_SEGMENTATION:
             if spec == "M":
@@ -147,19 +172,10 @@ class SegmentationNet(_TwoHeads):
             layers += _conv_bn_relu(c, out, dilation)
             c = out
         self.trunk = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict(
-            {
-                "A": nn.ModuleList(nn.Conv2d(c, n_clusters_a, 1) for _ in range(n_subheads)),
-                "B": nn.ModuleList(nn.Conv2d(c, n_clusters_b, 1) for _ in range(n_subheads)),
-            }
+        self.heads = self._two_heads(
+            lambda k: nn.Conv2d(c, k, 1), n_clusters_a, n_clusters_b, n_subheads
         )
         _kaiming_init(self)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk features at half resolution, (n, 512, H/2, W/2)."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input (n, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        return self.trunk(self.sobel(x) if self.sobel is not None else x)
 
     def forward(self, x: torch.Tensor, head: Head = "B") -> list[torch.Tensor]:
         """Per-pixel cluster probabilities, one (n, C, H, W) tensor per sub-head."""
@@ -222,28 +238,33 @@ class ClusterNet(_TwoHeads):
         builders = {"small": _small_trunk, "resnet34": _resnet34_trunk}
         if trunk not in builders:
             raise ValueError(f"trunk must be one of {sorted(builders)}, got {trunk!r}")
-        self.in_channels = in_channels
-        self.sobel = None if sobel == "none" else Sobel(sobel, colour_channels=min(3, in_channels))
-        c = in_channels + (self.sobel.extra_channels() if self.sobel else 0)
+        c = self._input_stage(in_channels, sobel)
         self.trunk, features = builders[trunk](c)
-        self.heads = nn.ModuleDict(
-            {
-                "A": nn.ModuleList(nn.Linear(features, n_clusters_a) for _ in range(n_subheads)),
-                "B": nn.ModuleList(nn.Linear(features, n_clusters_b) for _ in range(n_subheads)),
-            }
+        self.heads = self._two_heads(
+            lambda k: nn.Linear(features, k), n_clusters_a, n_clusters_b, n_subheads
         )
         if trunk == "small":
             _kaiming_init(self)
         else:
             _kaiming_init(self.heads)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Trunk features, (n, 512)."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input (n, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        return self.trunk(self.sobel(x) if self.sobel is not None else x)
-
     def forward(self, x: torch.Tensor, head: Head = "B") -> list[torch.Tensor]:
         """Cluster probabilities, one (n, C) tensor per sub-head."""
         feats = self.features(x)
         return [sub(feats).softmax(dim=1) for sub in self._pick(head)]
+
+
+def build_model(cfg: ModelConfig) -> SegmentationNet | ClusterNet:
+    """The network ``cfg`` describes, freshly initialised."""
+    if cfg.task == "segmentation":
+        return SegmentationNet(
+            cfg.in_channels,
+            cfg.n_clusters_a,
+            cfg.n_clusters_b,
+            cfg.n_subheads,
+            cfg.sobel,
+            cfg.width,
+        )
+    return ClusterNet(
+        cfg.in_channels, cfg.n_clusters_a, cfg.n_clusters_b, cfg.n_subheads, cfg.trunk, cfg.sobel
+    )

@@ -13,6 +13,7 @@ A location is kept as a string throughout: ``join`` and ``parent`` work on URIs 
 from __future__ import annotations
 
 import contextlib
+import json
 import posixpath
 import shutil
 import tempfile
@@ -94,6 +95,11 @@ def write_text_atomic(location: str | Path, text: str) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(text.encode())
     fs.move(tmp, path)
+
+
+def write_json_atomic(location: str | Path, obj: dict) -> None:
+    """``obj`` as indented JSON, written as ``write_text_atomic`` writes."""
+    write_text_atomic(location, json.dumps(obj, indent=2))
 
 
 def list_files(location: str | Path, suffix: str = "") -> list[str]:

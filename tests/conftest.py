@@ -9,6 +9,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from pipeline.data.format import decode_raw
 from pipeline.prepare.potsdam import COLOURS
 from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
@@ -73,6 +74,13 @@ def small_synthetic(out: Path, seed: int, test_fraction: float = 0.2) -> Path:
     opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=test_fraction)
     prepare_synthetic(out, opts, SceneSpec(size=256, seed=seed), baselines=False)
     return out / "shards"
+
+
+def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A shard row (as pyarrow's ``to_pylist`` gives it) as (image (B, H, W), label (H, W)),
+    through the pipeline's one decoder (unlabelled pixels IGNORE_INDEX)."""
+    raw, labels = decode_raw({k: [v] for k, v in row.items()})
+    return raw[0], labels[0]
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

@@ -17,7 +17,7 @@ import pytest
 import ray
 import yaml
 
-from pipeline.evaluate import load_checkpoint
+from pipeline.checkpoint import load as load_checkpoint
 from tests.conftest import small_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

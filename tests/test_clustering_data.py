@@ -8,14 +8,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.data.format import PrepareError
 from pipeline.prepare.clustering import (
     prepare_class_folders,
     prepare_digits,
     prepare_mnist,
     prepare_stl10,
 )
-from pipeline.prepare.run import BadFilesError, TilingOptions
-from pipeline.prepare.shards import PrepareError, decode_image
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.shards import BadFilesError
+from tests.conftest import decode_row
 
 OPTS = TilingOptions(progress=False, test_fraction=0.2)
 
@@ -38,7 +40,7 @@ def test_digits(tmp_path):
     assert len(rows) == 1797
     assert manifest["splits"]["train"]["tiles"] + manifest["splits"]["test"]["tiles"] == 1797
     assert sum(manifest["splits"]["train"]["class_pixels"]) == manifest["splits"]["train"]["tiles"]
-    assert decode_image(rows[0]).shape == (1, 8, 8) and rows[0]["class_id"] in range(10)
+    assert decode_row(rows[0])[0].shape == (1, 8, 8) and rows[0]["class_id"] in range(10)
 
 
 def test_mnist_idx_round_trip_and_truncation(tmp_path):
@@ -53,7 +55,7 @@ def test_mnist_idx_round_trip_and_truncation(tmp_path):
     manifest = prepare_mnist(src, tmp_path / "out", OPTS)
     assert manifest["splits"]["train"]["tiles"] == 30 and manifest["splits"]["test"]["tiles"] == 10
     first = next(r for r in rows_of(tmp_path / "out") if r["tile_id"] == "mnist-train#3")
-    assert np.array_equal(decode_image(first)[0], train[3]) and first["class_id"] == 3
+    assert np.array_equal(decode_row(first)[0][0], train[3]) and first["class_id"] == 3
     data = (src / "train-images-idx3-ubyte").read_bytes()
     (src / "train-images-idx3-ubyte").write_bytes(data[:-100])
     with pytest.raises(
@@ -74,7 +76,7 @@ def test_stl10_binary_layout(tmp_path):
     manifest = prepare_stl10(tmp_path, tmp_path / "out", OPTS)
     assert [manifest["splits"][s]["tiles"] for s in ("train", "test", "unlabelled")] == [5, 2, 3]
     row = next(r for r in rows_of(tmp_path / "out") if r["tile_id"] == "stl10-train#4")
-    assert np.array_equal(decode_image(row), imgs[4]) and row["class_id"] == 9
+    assert np.array_equal(decode_row(row)[0], imgs[4]) and row["class_id"] == 9
     (tmp_path / "test_X.bin").write_bytes((tmp_path / "test_X.bin").read_bytes()[:-7])
     with pytest.raises(PrepareError, match="not a whole number of 3x96x96 images"):
         prepare_stl10(tmp_path, tmp_path / "out2", OPTS)
@@ -96,4 +98,4 @@ def test_class_folders_with_a_broken_image(tmp_path):
     rows = rows_of(tmp_path / "out")
     assert len(rows) == 8
     assert {r["class_id"] for r in rows if r["source"].startswith("dogs")} == {1}
-    assert all(decode_image(r).shape == (3, 16, 16) for r in rows)
+    assert all(decode_row(r)[0].shape == (3, 16, 16) for r in rows)

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from pipeline.prepare.cocostuff import FINE, fine_to_coarse, prepare_cocostuff, subset_lut
-from pipeline.prepare.run import BadFilesError, TilingOptions
-from pipeline.prepare.shards import decode_image, decode_label
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.shards import BadFilesError
+from tests.conftest import decode_row
 
 OPTS = TilingOptions(tile=32, stride=32, progress=False)
 SKY, GRASS, ROAD, PERSON, WALL = (
@@ -59,10 +60,10 @@ def test_curation_mapping_and_rgb_order(tmp_path):
         for r in pq.read_table(p).to_pylist()
     }
     assert rows["a"]["split"] == "train" and rows["d"]["split"] == "test"
-    img, lab = decode_image(rows["a"]), decode_label(rows["a"])
+    img, lab = decode_row(rows["a"])
     assert img.shape == (3, 32, 32) and img[0].mean() > 200 and img[2].mean() < 30
     assert set(np.unique(lab)) == {0, 2}  # sky above, road below the centre line
-    assert (decode_label(rows["d"]) == 1).all()
+    assert (decode_row(rows["d"])[1] == 1).all()
 
 
 def test_id_list_overrides_the_rule_and_bad_pairs_are_reported(tmp_path):
@@ -77,4 +78,4 @@ def test_id_list_overrides_the_rule_and_bad_pairs_are_reported(tmp_path):
         prepare_cocostuff(tmp_path, tmp_path / "out", OPTS, prescale=0.5, ids=ids)
     rows = [r for p in (tmp_path / "out").rglob("*.parquet") for r in pq.read_table(p).to_pylist()]
     assert [r["tile_id"] for r in rows] == ["x"]
-    assert (decode_label(rows[0]) == 255).all()  # kept by id, all pixels ignored
+    assert (decode_row(rows[0])[1] == 255).all()  # kept by id, all pixels ignored

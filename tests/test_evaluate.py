@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.config import Config
-from pipeline.evaluate import evaluate_model, format_evaluation, iter_tiles
-from pipeline.prepare.shards import read_manifest
-from pipeline.train import label_lut
+from pipeline.data.format import label_lut, read_manifest
+from pipeline.data.read import iter_tiles
+from pipeline.evaluate import evaluate_model, format_evaluation
 from tests.conftest import small_synthetic
 
 BRIGHT_SHARE = 0.05  # of the pixels in sub-head 1's second cluster

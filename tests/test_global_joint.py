@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pipeline.dist import global_sum
 from pipeline.losses import iid_clustering_loss, iid_segmentation_loss
-from pipeline.train import global_sum
 
 N, FEATURES, CLUSTERS = 12, 5, 4
 

@@ -10,18 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import pairs
-from pipeline.pairs import (
-    PairConfig,
-    PairMaker,
-    decode_batch,
-    from_wire,
-    make_pairs,
-    make_pairs_u8,
-    pair_dataset,
-    undo,
-    warp,
-)
+from pipeline import augment
+from pipeline.augment import make_pairs, make_pairs_u8, undo, warp
+from pipeline.config import ConfigError, PairConfig, build
+from pipeline.data.format import decode_batch, from_wire
+from pipeline.data.pairs import PairMaker, keep_freed_memory, pair_dataset
 from pipeline.prepare.potsdam import prepare_potsdam
 from pipeline.prepare.run import TilingOptions
 from tests.conftest import make_release
@@ -66,7 +59,7 @@ def test_undo_flip_is_exact(device):
 @pytest.mark.parametrize("device", ["cpu-grid_sample", "cpu-uint8"] + DEVICES)
 def test_undo_affine_recovers_x_inside_the_mask(device, shift, monkeypatch):
     if device == "cpu-grid_sample":  # the GPU path's kernel, on CPU
-        monkeypatch.setattr(pairs, "_cv2", None)
+        monkeypatch.setattr(augment, "_cv2", None)
         device = "cpu"
     cfg = PairConfig(affine=True, shift=shift, **NO_COLOUR)
     x, out = pairs_on(device, smooth_images(12), cfg, 1)
@@ -95,16 +88,16 @@ def test_valid_mask_is_where_both_frames_hold_the_pixel_with_a_margin(device):
     ]
     gen = torch.Generator(device=device).manual_seed(5)
     for cfg in cfgs:
-        theta = pairs.spatial_matrices(40, cfg, gen, device)
+        theta = augment.spatial_matrices(40, cfg, gen, device)
         theta[0] = torch.tensor([[0.0, 1.0, 0.3], [1.0, 0.0, 0.0]])  # a == 0 on both axes
         # Reference: every pixel's source coordinates, evaluated directly.
         h, w, m = 30, 44, 1.5
-        u, v = pairs._coords(pairs.invert(theta), h, w)
-        x0, y0 = pairs._coords(torch.eye(2, 3, device=device)[None], h, w)
+        u, v = augment._coords(augment.invert(theta), h, w)
+        x0, y0 = augment._coords(torch.eye(2, 3, device=device)[None], h, w)
         lu, lv = 1 - 2 * m / w, 1 - 2 * m / h
         ref = (u.abs() <= lu) & (v.abs() <= lv) & (x0.abs() <= lu) & (y0.abs() <= lv)
-        ref |= pairs._pure_flips(theta).view(-1, 1, 1)
-        got = pairs.valid_mask(theta, h, w, m)
+        ref |= augment._pure_flips(theta).view(-1, 1, 1)
+        got = augment.valid_mask(theta, h, w, m)
         assert got.shape == ref.shape and (got != ref).sum().item() == 0
         assert 0 < got[1:].float().mean().item() <= 1
 
@@ -160,12 +153,12 @@ def test_actors_8bit_path_refuses_what_it_cannot_do():
 
 @pytest.mark.parametrize("bands", [1, 3, 4, 5])
 def test_opencv_warp_on_cpu_matches_grid_sample(bands):
-    assert pairs._cv2 is not None  # a dependency: the CPU pair stage must not silently slow down
+    assert augment._cv2 is not None  # a dependency: the CPU pair stage must not silently slow down
     x = torch.rand(6, bands, 40, 48)
     gen = torch.Generator().manual_seed(2)
-    theta = pairs.spatial_matrices(6, PairConfig(affine=True, shift=0.2), gen, "cpu")
+    theta = augment.spatial_matrices(6, PairConfig(affine=True, shift=0.2), gen, "cpu")
     fast = warp(x, theta)
-    u, v = pairs._coords(theta, 40, 48)
+    u, v = augment._coords(theta, 40, 48)
     grid = torch.stack([u, v], dim=-1)
     reference = F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
     assert fast.shape == reference.shape and fast.is_contiguous()
@@ -182,7 +175,7 @@ def test_pair_actors_keep_freed_memory_for_reuse():
 
     if not hasattr(ctypes.CDLL("libc.so.6"), "mallopt"):
         pytest.skip("not glibc")
-    assert pairs.keep_freed_memory()
+    assert keep_freed_memory()
 
 
 def test_infrared_is_never_jittered_but_rgb_is():
@@ -235,8 +228,9 @@ def test_hue_rotation_keeps_greys_grey_and_pure_brightness_scales():
 
 
 def test_unknown_pair_option_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"unknown pairs option\(s\) \['jitter'\]"):
-        PairConfig.from_dict({"jitter": 0.3})
+    # The pair actors rebuild their PairConfig from a plain dict this way.
+    with pytest.raises(ConfigError, match=r"pairs\.jitter: unknown key \(known: .*affine"):
+        build(PairConfig, {"jitter": 0.3}, "pairs.")
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +274,7 @@ def test_pair_maker_sends_compact_views_that_decode_to_what_make_pairs_drew(shar
         cfg = {"affine": True, "noise": noise}
         sent = PairMaker(cfg, seed=3, deterministic=True)(batch)
         # The same draws in process, in float32: what the actor had before packing.
-        drawn = make_pairs(images, PairConfig.from_dict(cfg), PairMaker(cfg, 3, True).gen)
+        drawn = make_pairs(images, PairConfig(**cfg), PairMaker(cfg, 3, True).gen)
         assert sent["gx"].dtype == gx_dtype
         assert torch.equal(from_wire(torch.from_numpy(sent["x"])), images)
         gx = from_wire(torch.from_numpy(sent["gx"]))
@@ -290,7 +284,7 @@ def test_pair_maker_sends_compact_views_that_decode_to_what_make_pairs_drew(shar
     # With augment_first the first view is drawn too and travels as the second does.
     cfg = {"affine": True, "noise": 0.1, "augment_first": True}
     sent = PairMaker(cfg, seed=3, deterministic=True)(batch)
-    drawn = make_pairs(images, PairConfig.from_dict(cfg), PairMaker(cfg, 3, True).gen)
+    drawn = make_pairs(images, PairConfig(**cfg), PairMaker(cfg, 3, True).gen)
     assert sent["x"].dtype == np.float16
     assert (from_wire(torch.from_numpy(sent["x"])) - drawn["x"]).abs().max() <= 1.5 / 255 + 1e-3
     assert (from_wire(torch.from_numpy(sent["x"])) - images).abs().mean() > 10 / 255

@@ -13,11 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 
+from pipeline.data.format import PrepareError
 from pipeline.prepare.folder import prepare_folder
 from pipeline.prepare.potsdam import COLOURS, prepare_potsdam
-from pipeline.prepare.run import BadFilesError, TilingOptions
-from pipeline.prepare.shards import PrepareError, decode_image, decode_label
-from tests.conftest import colour_label, make_release, truncate, write_tif
+from pipeline.prepare.run import TilingOptions
+from pipeline.prepare.shards import BadFilesError
+from tests.conftest import colour_label, decode_row, make_release, truncate, write_tif
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
 OPTS = TilingOptions(tile=32, stride=32, progress=False, test_fraction=0.3)
@@ -33,7 +34,7 @@ def read_rows(out: Path) -> list[dict]:
 def shard_class_counts(out: Path, n_classes: int = 6) -> np.ndarray:
     counts = np.zeros(n_classes, dtype=np.int64)
     for row in read_rows(out):
-        label = decode_label(row)
+        label = decode_row(row)[1]
         if label is not None:
             counts += np.bincount(label.ravel(), minlength=256)[:n_classes]
     return counts
@@ -77,7 +78,7 @@ def test_potsdam_mini_200px_tiles_cover_the_top_left_400(potsdam_mini, tmp_path)
         whole = src.read()
     for r in rows:  # pixels are the source's, untouched
         assert np.array_equal(
-            decode_image(r),
+            decode_row(r)[0],
             whole[:, r["row_off"] : r["row_off"] + 200, r["col_off"] : r["col_off"] + 200],
         )
 
@@ -104,7 +105,7 @@ def test_cli_prepares_potsdam_mini_with_downscale(potsdam_mini, tmp_path):
     rows = read_rows(tmp_path / "o")
     assert len(rows) == 4 and all(r["height"] == 128 and r["src_height"] == 256 for r in rows)
     for r in rows:  # nearest resampling keeps labels on the palette
-        assert set(np.unique(decode_label(r))) <= {0, 1, 2, 3, 4, 255}
+        assert set(np.unique(decode_row(r)[1])) <= {0, 1, 2, 3, 4, 255}
 
 
 # ------------------------------------------------------------------------- generated releases
@@ -170,7 +171,7 @@ def test_off_palette_colours_are_ignored_and_counted(tmp_path):
     manifest = prepare_potsdam(tmp_path / "src", tmp_path / "out", OPTS)
     assert manifest["ignored_label_pixels"]["off_palette"] == 10
     row = read_rows(tmp_path / "out")[0]
-    assert (decode_label(row)[:2, :5] == 255).all()
+    assert (decode_row(row)[1][:2, :5] == 255).all()
 
 
 # ------------------------------------------------------------------------------- bad inputs
@@ -259,7 +260,8 @@ def test_folder_of_own_imagery_with_a_non_image(tmp_path):
         r for r in rows if r["source"] == "a.png" and r["row_off"] == 32 and r["col_off"] == 32
     )
     assert np.array_equal(
-        decode_image(png), np.asarray(Image.open(src / "a.png")).transpose(2, 0, 1)[:, 32:64, 32:64]
+        decode_row(png)[0],
+        np.asarray(Image.open(src / "a.png")).transpose(2, 0, 1)[:, 32:64, 32:64],
     )
 
 

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from pipeline import storage
-from pipeline.evaluate import CHECKPOINT_FILE, iter_tiles, load_checkpoint
-from pipeline.prepare.shards import PrepareError, read_manifest
+from pipeline.checkpoint import CHECKPOINT_FILE
+from pipeline.checkpoint import load as load_checkpoint
+from pipeline.data.format import PrepareError, read_manifest
+from pipeline.data.read import iter_tiles
 from tests.conftest import small_synthetic
 
 

@@ -18,19 +18,14 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoint import CHECKPOINT_FILE
 from pipeline.config import Config, ConfigError
+from pipeline.data.format import PrepareError
+from pipeline.data.read import rows as dataset_rows
+from pipeline.data.read import shard_batches
 from pipeline.evaluate import evaluate_uri
-from pipeline.prepare.shards import PrepareError
-from pipeline.train import (
-    CHECKPOINT_FILE,
-    NonFiniteLossError,
-    _rows,
-    _worker_error,
-    build_model,
-    fit,
-    shard_batches,
-    train_epoch_head,
-)
+from pipeline.models import build_model
+from pipeline.train import NonFiniteLossError, _worker_error, fit, train_epoch_head
 from tests.conftest import small_synthetic
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
@@ -205,7 +200,7 @@ def test_training_passes_shuffle_rows_differently_each_time_and_eval_keeps_the_o
     shards, tmp_path, ray_cluster
 ):
     cfg = config(shards, tmp_path)
-    rows = _rows(str(shards / "train"), materialize=True).iterator()
+    rows = dataset_rows(str(shards / "train"), materialize=True).iterator()
 
     def one_pass(seed: int, shuffle: bool) -> torch.Tensor:
         rng = np.random.default_rng(seed)
@@ -241,21 +236,21 @@ def _worker_rows(ds, passes: int) -> list[list[set]]:
 
 
 def test_each_pass_deals_the_training_rows_to_the_workers_afresh(shards, ray_cluster):
-    n = _rows(str(shards / "train"), materialize=True).count()
-    dealt = _worker_rows(_rows(str(shards / "train"), True, deal_seed=0), passes=4)
+    n = dataset_rows(str(shards / "train"), materialize=True).count()
+    dealt = _worker_rows(dataset_rows(str(shards / "train"), True, deal_seed=0), passes=4)
     for first, second in dealt:
         assert not first & second and len(first) == len(second) == n // 2
     # A worker's rows change from pass to pass: not a fixed part of the scene.
     assert len({frozenset(first) for first, _ in dealt}) > 1
     # Unseeded (evaluation) rows keep their order: the same contiguous half every pass.
-    kept = _worker_rows(_rows(str(shards / "train"), materialize=True), passes=2)
+    kept = _worker_rows(dataset_rows(str(shards / "train"), materialize=True), passes=2)
     assert kept[0][0] == kept[1][0]
 
 
 def test_the_deal_is_new_each_pass_and_repeats_with_the_seed(shards, ray_cluster):
     def orders(seed: int) -> list[tuple]:
         """The row order of 3 passes over a freshly built training dataset."""
-        ds = _rows(str(shards / "train"), True, deal_seed=seed)
+        ds = dataset_rows(str(shards / "train"), True, deal_seed=seed)
         passes = [ds.iter_batches(batch_size=64, batch_format="numpy") for _ in range(3)]
         return [tuple(t for b in it for t in b["tile_id"]) for it in passes]
 
@@ -267,7 +262,7 @@ def test_the_deal_is_new_each_pass_and_repeats_with_the_seed(shards, ray_cluster
 
 def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     cfg = config(shards, tmp_path)
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     before = [p.detach().clone() for p in model.parameters()]
@@ -284,7 +279,7 @@ def test_repeats_draw_several_pairs_of_each_image_per_step(shards, tmp_path):
     d = config(shards, tmp_path).to_dict()
     d["pairs"]["repeats"] = 3
     cfg = Config.from_dict(d)
-    model = build_model(cfg)
+    model = build_model(cfg.model)
     seen: list[torch.Tensor] = []
     model.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

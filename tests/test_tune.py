@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, load_config
-from pipeline.tune import load_space, parse_space
+from pipeline.tune.space import load_space, parse_space
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {

@@ -25,8 +25,8 @@ import yaml
 
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError, load_config
-from pipeline.prepare.shards import PrepareError
-from pipeline.tune import (
+from pipeline.data.format import PrepareError
+from pipeline.tune.search import (
     SearchOptions,
     TrialRow,
     rank_correlation,
@@ -136,7 +136,9 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def _finished(log: Path) -> list[str]:
     """Trial ids the driver's progress lines report finished."""
     lines = log.read_text().splitlines() if log.is_file() else []
-    return [ln.split()[-2] for ln in lines if "pipeline.tune: trial" in ln and "finished" in ln]
+    return [
+        ln.split()[-2] for ln in lines if "pipeline.tune.search: trial" in ln and "finished" in ln
+    ]
 
 
 @pytest.fixture(scope="module")

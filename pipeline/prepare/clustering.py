@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.format import PrepareError, Tile
 from pipeline.prepare.run import TilingOptions
-from pipeline.prepare.shards import PrepareError, ShardWriter, Tile
+from pipeline.prepare.shards import ShardWriter
 
 CHUNK = 4096
 
@@ -42,26 +43,18 @@ def _write(
     meta: dict,
     n_classes: int,
     opts: TilingOptions,
+    bad: Sequence[dict] = (),
 ) -> dict:
-    """parts: (stem, split, tiles). Each part is committed as a whole or not at all."""
+    """parts: (stem, split, tiles). Each part is committed as a whole or not at all; ``bad``:
+    inputs already skipped."""
     writer = ShardWriter(out, n_classes, opts.rows_per_shard, opts.compression)
-    bad = []
     for stem, split, tiles in parts:
-        writer.begin_file(stem)
-        try:
+        with writer.source(stem, stem):
             for tile in tiles:
                 writer.add(tile, split)
-        except PrepareError as err:
-            writer.abort_file()
-            bad.append({"file": stem, "error": str(err)})
-            continue
-        writer.commit_file()
-    manifest = writer.write_manifest(meta, bad)
-    if bad and not opts.skip_bad:
-        from pipeline.prepare.run import BadFilesError
-
-        raise BadFilesError(f"{len(bad)} file(s) skipped, first: {bad[0]['error']}")
-    return manifest
+    for b in bad:
+        writer.skip(b["file"], b["error"])
+    return writer.finish(meta, opts.skip_bad)
 
 
 # ------------------------------------------------------------------------------------- digits
@@ -257,14 +250,4 @@ def prepare_class_folders(src: Path, out: Path, opts: TilingOptions, size: int =
         )
     parts = [(f"classes-{split}", split, iter(tiles)) for split, tiles in splits.items()]
     meta = {"dataset": "class_folders", "task": "clustering", "bands": 3, "classes": classes}
-    manifest = _write(out, parts, meta, len(classes), opts)
-    if bad:
-        manifest["bad_files"] = bad
-        from pipeline.prepare.shards import write_json_atomic
-
-        write_json_atomic(out / "manifest.json", manifest)
-        if not opts.skip_bad:
-            from pipeline.prepare.run import BadFilesError
-
-            raise BadFilesError(f"{len(bad)} file(s) skipped, first: {bad[0]['error']}")
-    return manifest
+    return _write(out, parts, meta, len(classes), opts, bad)

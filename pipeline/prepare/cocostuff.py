@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import IGNORE_INDEX
+from pipeline.data.format import PrepareError, Tile
 from pipeline.prepare.run import TilingOptions
-from pipeline.prepare.shards import PrepareError, ShardWriter, Tile
+from pipeline.prepare.shards import ShardWriter
 
 # COCO-Stuff fine classes by label id (ids 0-90 things incl. the 11 unused COCO ids, 91-181 stuff).
 FINE = (
@@ -149,52 +150,50 @@ def prepare_cocostuff(
     wanted = None if ids is None else set(ids.read_text().split())
     counts = {"seen": 0, "kept": 0, "too_few_target": 0, "too_small": 0}
     writer = ShardWriter(out, len(SUBSETS[subset]), opts.rows_per_shard, opts.compression)
-    bad = []
     found = False
     for folder, split in (("train2017", "train"), ("val2017", "test")):
         image_dir, label_dir = src / "images" / folder, src / "stuffthingmaps_trainval2017" / folder
         if not image_dir.is_dir():
             continue
         found = True
-        writer.begin_file(f"cocostuff{subset}-{folder}")
-        for image in sorted(image_dir.glob("*.jpg")):
-            counts["seen"] += 1
-            if wanted is not None and image.stem not in wanted:
-                continue
-            label = label_dir / f"{image.stem}.png"
-            try:
-                rgb, fine = _load(image, label)
-            except PrepareError as err:
-                bad.append({"file": str(image), "error": str(err)})
-                continue
-            tile = _curate(
-                rgb,
-                lut[fine],
-                wanted is not None,
-                prescale,
-                min_target,
-                min_side,
-                opts.tile,
-                counts,
-            )
-            if tile is not None:
-                img, lab = tile
-                writer.add(
-                    Tile(
-                        tile_id=image.stem,
-                        source=str(image.relative_to(src)),
-                        row_off=0,
-                        col_off=0,
-                        src_height=fine.shape[0],
-                        src_width=fine.shape[1],
-                        image=img,
-                        label=lab,
-                        label_source=str(label.relative_to(src)),
-                    ),
-                    split,
+        with writer.source(f"cocostuff{subset}-{folder}", str(image_dir)):
+            for image in sorted(image_dir.glob("*.jpg")):
+                counts["seen"] += 1
+                if wanted is not None and image.stem not in wanted:
+                    continue
+                label = label_dir / f"{image.stem}.png"
+                try:
+                    rgb, fine = _load(image, label)
+                except PrepareError as err:
+                    writer.skip(str(image), str(err))
+                    continue
+                tile = _curate(
+                    rgb,
+                    lut[fine],
+                    wanted is not None,
+                    prescale,
+                    min_target,
+                    min_side,
+                    opts.tile,
+                    counts,
                 )
-                counts["kept"] += 1
-        writer.commit_file()
+                if tile is not None:
+                    img, lab = tile
+                    writer.add(
+                        Tile(
+                            tile_id=image.stem,
+                            source=str(image.relative_to(src)),
+                            row_off=0,
+                            col_off=0,
+                            src_height=fine.shape[0],
+                            src_width=fine.shape[1],
+                            image=img,
+                            label=lab,
+                            label_source=str(label.relative_to(src)),
+                        ),
+                        split,
+                    )
+                    counts["kept"] += 1
     if not found:
         raise PrepareError(
             f"{src}: no images/train2017 or images/val2017 folder (expected the "
@@ -214,12 +213,7 @@ def prepare_cocostuff(
             **counts,
         },
     }
-    manifest = writer.write_manifest(meta, bad)
-    if bad and not opts.skip_bad:
-        from pipeline.prepare.run import BadFilesError
-
-        raise BadFilesError(f"{len(bad)} file(s) skipped, first: {bad[0]['error']}")
-    return manifest
+    return writer.finish(meta, opts.skip_bad)
 
 
 def _curate(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.data.format import PrepareError
 from pipeline.prepare.raster import raster_info
 from pipeline.prepare.run import Source, TilingOptions, prepare_tiles
-from pipeline.prepare.shards import PrepareError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import IGNORE_INDEX
+from pipeline.data.format import PrepareError
 from pipeline.prepare.run import Source, TilingOptions, prepare_tiles
-from pipeline.prepare.shards import PrepareError
 
 CLASSES = ("impervious", "building", "low_vegetation", "tree", "car", "clutter")
 COLOURS = ((255, 255, 255), (0, 0, 255), (0, 255, 255), (0, 255, 0), (255, 255, 0), (255, 0, 0))

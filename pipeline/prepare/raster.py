@@ -19,7 +19,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from pipeline.prepare.shards import PrepareError, Tile
+from pipeline.data.format import PrepareError, Tile
 
 GDAL_CACHE_MB = 128
 LabelFn = Callable[[np.ndarray], np.ndarray]  # (bands, h, w) label raster -> (h, w) uint8 ids

@@ -8,12 +8,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from pipeline import IGNORE_INDEX
+from pipeline.data.format import PrepareError, Tile
 from pipeline.prepare.raster import LabelFn, TileGrid, iter_tiles, raster_info
-from pipeline.prepare.shards import BadFilesError, PrepareError, ShardWriter, Tile
+from pipeline.prepare.shards import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +97,16 @@ def prepare_tiles(
         BadFilesError: if any file was skipped and ``opts.skip_bad`` is false (the manifest,
             listing them, is written first).
     """
-    bad = list(bad_files)
     writer = ShardWriter(out, n_classes, opts.rows_per_shard, opts.compression)
+    for bad in bad_files:
+        writer.skip(bad["file"], bad["error"])
     plans: list[tuple[Source, TileGrid]] = []
     for src in sources:
         try:
             _, height, width = raster_info(src.image)
             plans.append((src, TileGrid(height, width, opts.tile, opts.stride, opts.scale)))
         except PrepareError as err:
-            bad.append({"file": str(src.image), "error": str(err)})
-            log.error("%s", err)
+            writer.skip(str(src.image), str(err))
     bar = tqdm(
         total=sum(len(g) for _, g in plans),
         unit="tile",
@@ -116,8 +116,7 @@ def prepare_tiles(
     for src, grid in plans:
         name = str(src.image.relative_to(root)) if root else str(src.image)
         label_name = str(src.label.relative_to(root)) if (root and src.label) else None
-        writer.begin_file(_shard_stem(src.image, root))
-        try:
+        with writer.source(_shard_stem(src.image, root), str(src.image)):
             for tile in iter_tiles(
                 src.image,
                 grid,
@@ -129,12 +128,6 @@ def prepare_tiles(
             ):
                 writer.add(tile, assign_split(tile, opts.seed, opts.test_fraction))
                 bar.update()
-        except PrepareError as err:
-            writer.abort_file()
-            bad.append({"file": str(src.image), "error": str(err)})
-            log.error("%s", err)
-            continue
-        writer.commit_file()
     bar.close()
     params = {
         "tile": opts.tile,
@@ -144,21 +137,9 @@ def prepare_tiles(
         "seed": opts.seed,
     }
     extra = late_meta() if late_meta else {}
-    manifest = writer.write_manifest({**meta, **extra, "tiling": params}, bad)
-    if bad and not opts.skip_bad:
-        raise BadFilesError(
-            f"{len(bad)} file(s) skipped, first: {bad[0]['error']} (all listed in "
-            f"{out / 'manifest.json'}; pass --skip-bad to accept)"
-        )
-    return manifest
+    return writer.finish({**meta, **extra, "tiling": params}, opts.skip_bad)
 
 
 def _shard_stem(path: Path, root: Path | None) -> str:
     rel = path.relative_to(root) if root else Path(path.name)
     return "__".join(rel.with_suffix("").parts)
-
-
-def label_histogram(labels: np.ndarray, n_classes: int) -> list[int]:
-    """Per-class pixel counts of an id raster (IGNORE_INDEX excluded)."""
-    hist = np.bincount(labels.ravel(), minlength=256)
-    return [int(v) for v in hist[:n_classes]]

@@ -1,21 +1,18 @@
-"""Parquet shards of tiles and the manifest that describes them.
-
-Layout of a prepared dataset::
-
-    OUT/manifest.json
-    OUT/{train,test,unlabelled}/{source-stem}-{k:05d}.parquet
+"""Writing a prepared dataset: Parquet shards per source file, then the manifest.
 
 Shards are per source file: a file's tiles are staged under temporary names and renamed into place
-only when the whole file has been read, so a file that fails half way (a truncated TIFF) leaves
-nothing behind, and no reader ever sees a partial shard. The manifest is written last, also via
-a temporary name.
+only when the whole file has been read (``ShardWriter.source``), so a file that fails half way (a
+truncated TIFF) leaves nothing behind and is listed as bad, and no reader ever sees a partial
+shard. The manifest is written last, also via a temporary name. The row format and the layout
+are ``pipeline.data.format``'s.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,95 +22,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import IGNORE_INDEX
-from pipeline.storage import StorageError, join, read_text, write_text_atomic  # noqa: F401
+from pipeline.data.format import MANIFEST, SCHEMA, SPLITS, PrepareError, Tile
+from pipeline.storage import write_json_atomic
 
-SPLITS = ("train", "test", "unlabelled")
+log = logging.getLogger(__name__)
 COMPRESSIONS = ("lz4", "zstd", "snappy", "none")
-
-SCHEMA = pa.schema(
-    [
-        pa.field("tile_id", pa.string(), nullable=False),
-        pa.field("split", pa.string(), nullable=False),
-        pa.field("source", pa.string(), nullable=False),
-        pa.field("label_source", pa.string()),
-        pa.field("row_off", pa.int32(), nullable=False),  # window in source pixels
-        pa.field("col_off", pa.int32(), nullable=False),
-        pa.field("src_height", pa.int32(), nullable=False),
-        pa.field("src_width", pa.int32(), nullable=False),
-        pa.field("bands", pa.int16(), nullable=False),  # tile array, C x H x W
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("dtype", pa.string(), nullable=False),
-        pa.field("image", pa.binary(), nullable=False),
-        pa.field("label", pa.binary()),  # uint8 H x W, IGNORE_INDEX where unknown; null if none
-        pa.field("class_id", pa.int32()),  # whole-image class for clustering data; else null
-        pa.field("crs", pa.string()),
-        pa.field("transform", pa.list_(pa.float64())),  # 6 affine coefficients of the tile grid
-    ]
-)
-
-
-class PrepareError(Exception):
-    """A problem with one input file or with the output, phrased for the user (one line)."""
 
 
 class BadFilesError(PrepareError):
     """Some files were skipped; the rest of the dataset was written."""
-
-
-@dataclass
-class Tile:
-    """One tile ready to be written (arrays in C x H x W / H x W layout)."""
-
-    tile_id: str
-    source: str
-    row_off: int
-    col_off: int
-    src_height: int
-    src_width: int
-    image: np.ndarray
-    label: np.ndarray | None = None
-    label_source: str | None = None
-    class_id: int | None = None
-    crs: str | None = None
-    transform: tuple[float, ...] | None = None
-
-    def row(self, split: str) -> dict:
-        bands, height, width = self.image.shape
-        return {
-            "tile_id": self.tile_id,
-            "split": split,
-            "source": self.source,
-            "label_source": self.label_source,
-            "row_off": self.row_off,
-            "col_off": self.col_off,
-            "src_height": self.src_height,
-            "src_width": self.src_width,
-            "bands": bands,
-            "height": height,
-            "width": width,
-            "dtype": str(self.image.dtype),
-            "image": np.ascontiguousarray(self.image).tobytes(),
-            "label": None if self.label is None else np.ascontiguousarray(self.label).tobytes(),
-            "class_id": self.class_id,
-            "crs": self.crs,
-            "transform": None if self.transform is None else list(self.transform),
-        }
-
-
-def decode_image(row: dict) -> np.ndarray:
-    """The C x H x W array of a shard row (as read back by pyarrow or Ray Data)."""
-    shape = (int(row["bands"]), int(row["height"]), int(row["width"]))
-    return np.frombuffer(row["image"], dtype=np.dtype(row["dtype"])).reshape(shape)
-
-
-def decode_label(row: dict) -> np.ndarray | None:
-    """The H x W uint8 label of a shard row, or None."""
-    if row["label"] is None:
-        return None
-    return np.frombuffer(row["label"], dtype=np.uint8).reshape(
-        int(row["height"]), int(row["width"])
-    )
 
 
 @dataclass
@@ -146,7 +63,8 @@ class SplitStats:
 
 
 class ShardWriter:
-    """Writes tiles to per-file Parquet shards, committing a source file's shards atomically.
+    """Writes tiles to per-file Parquet shards, committing a source file's shards atomically,
+    and the manifest, listing every file that was skipped.
 
     Args:
         out: dataset folder.
@@ -183,11 +101,29 @@ class ShardWriter:
         self._pending: dict[str, list[dict]] = {}
         self._stem = ""
         self._file_stats: dict[str, SplitStats] = {}
+        self.bad: list[dict] = []  # {"file", "error"} of every skipped input
 
-    def begin_file(self, stem: str) -> None:
-        """Start the shards of one source file."""
+    @contextlib.contextmanager
+    def source(self, stem: str, name: str) -> Iterator[None]:
+        """Write the tiles ``add``-ed inside the block as the shards ``{stem}-*`` of one source.
+
+        They are published when the block ends; when it raises ``PrepareError`` they are dropped,
+        the source ``name`` is listed as bad, and the error goes no further.
+        """
         self._stem, self._staged, self._pending = stem, [], {}
         self._file_stats = {split: SplitStats() for split in SPLITS}
+        try:
+            yield
+        except PrepareError as err:
+            self._abort()
+            self.skip(name, str(err))
+            return
+        self._commit()
+
+    def skip(self, name: str, error: str) -> None:
+        """List an input that could not be used (the manifest's ``bad_files``)."""
+        self.bad.append({"file": name, "error": error})
+        log.info("skipped: %s", error)
 
     def add(self, tile: Tile, split: str) -> None:
         self._pending.setdefault(split, []).append(tile.row(split))
@@ -226,8 +162,8 @@ class ShardWriter:
         for w in writes:
             w.result()
 
-    def commit_file(self) -> None:
-        """The source file was read completely: publish its shards and count its tiles."""
+    def _commit(self) -> None:
+        """The source was read completely: publish its shards and count its tiles."""
         for split in list(self._pending):
             self._flush(split)
         self._wait()
@@ -238,8 +174,8 @@ class ShardWriter:
             self.stats[split].merge(stats)
         self._staged, self._pending = [], {}
 
-    def abort_file(self) -> None:
-        """The source file failed: drop everything staged for it."""
+    def _abort(self) -> None:
+        """The source failed: drop everything staged for it."""
         try:
             self._wait()
         except OSError:
@@ -248,8 +184,13 @@ class ShardWriter:
             tmp.unlink(missing_ok=True)
         self._staged, self._pending = [], {}
 
-    def write_manifest(self, meta: dict, bad_files: Iterable[dict]) -> dict:
-        """Write ``manifest.json`` (temp name, then rename) and return it."""
+    def finish(self, meta: dict, skip_bad: bool) -> dict:
+        """Write ``manifest.json`` (temp name, then rename) and return it.
+
+        Raises:
+            BadFilesError: some inputs were skipped and ``skip_bad`` is false (the manifest,
+                listing them, is written first).
+        """
         manifest = {
             **meta,
             "splits": {
@@ -262,28 +203,13 @@ class ShardWriter:
                 for split, s in self.stats.items()
             },
             "shards": self.shards,
-            "bad_files": list(bad_files),
+            "bad_files": list(self.bad),
             "schema": [f.name for f in SCHEMA],
         }
-        write_json_atomic(self.out / "manifest.json", manifest)
+        write_json_atomic(self.out / MANIFEST, manifest)
+        if self.bad and not skip_bad:
+            raise BadFilesError(
+                f"{len(self.bad)} file(s) skipped, first: {self.bad[0]['error']} (all listed "
+                f"in {self.out / MANIFEST}; pass --skip-bad to accept)"
+            )
         return manifest
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
-
-def read_manifest(out: str | Path) -> dict:
-    """Load ``OUT/manifest.json`` (a local folder or a storage URI) with a clear error when it
-    is missing or broken."""
-    path = join(out, "manifest.json")
-    try:
-        return json.loads(read_text(path))
-    except FileNotFoundError as err:
-        raise PrepareError(f"{path}: no manifest; run `iid prepare` first") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise PrepareError(
-            f"{path}: manifest is not valid JSON ({getattr(err, 'msg', err)})"
-        ) from err
-    except StorageError as err:
-        raise PrepareError(str(err)) from err

@@ -22,7 +22,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from pipeline.prepare.potsdam import COLOURS, POTSDAM3
-from pipeline.prepare.shards import write_json_atomic
+from pipeline.storage import write_json_atomic
 
 IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR = 0, 1, 2, 3, 4
 MIN_SCENE = 256

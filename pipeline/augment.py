@@ -1,4 +1,4 @@
-"""Training pairs (x, g(x)) and what is needed to undo g, on CPU actors or on a GPU.
+"""g: the random transformations that make the training pairs (x, g(x)), and undoing them.
 
 g is: colour jitter (brightness, contrast, saturation, hue in HSV; only on the RGB bands, never on
 infrared), then an optional random affine (rotation, shear, scale, shift), then a horizontal flip
@@ -9,22 +9,21 @@ second view's prediction back into the first view's frame (bilinear, zero paddin
 mask of pixels that stayed inside.
 
 ``make_pairs`` is plain torch on whatever device its input is on: the trainer may run it on GPU
-tensors. ``PairMaker`` (Ray Data actors, CPU) runs ``make_pairs_u8`` on 8-bit tiles: the same
-draws from the same functions, applied by OpenCV on the 8-bit pixels (2-3x faster; tests hold
-it within 1/255 of ``make_pairs``), and ``make_pairs`` on anything else.
+tensors. ``make_pairs_u8`` makes the same draws from the same functions and applies them with
+OpenCV on 8-bit pixels (2-3x faster on CPU; tests hold it within 1/255 of ``make_pairs``): what
+the pair actors of ``pipeline.data.pairs`` run on 8-bit tiles.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import IGNORE_INDEX
+from pipeline.config import PairConfig
+from pipeline.data.format import from_wire
 
 try:  # the CPU fast path of ``warp``; grid_sample does the same without it
     import cv2 as _cv2
@@ -32,80 +31,6 @@ try:  # the CPU fast path of ``warp``; grid_sample does the same without it
     _cv2.setNumThreads(1)  # one core per actor, as torch: the pool gives the parallelism
 except ImportError:  # pragma: no cover - opencv-python-headless is a dependency
     _cv2 = None
-
-
-@dataclass(frozen=True)
-class PairConfig:
-    """How g is drawn. Ranges are at ``strength`` 1; each is multiplied by ``strength``.
-
-    Attributes:
-        crop: side of the random square crop taken from each tile (0: the whole tile).
-        strength: scales all jitter and affine ranges.
-        brightness, contrast, saturation: factors drawn from [1 - v, 1 + v].
-        hue: hue shift drawn from [-v, v] (in turns).
-        flip: horizontal flip with probability 0.5.
-        affine: random rotation / shear / scale / shift.
-        rotation, shear: degrees, drawn from [-v, v].
-        scale: zoom drawn from [1 - v, 1 + v].
-        shift: translation along each axis drawn from [-v, v], as a fraction of half the tile
-            side (``affine_grid`` units: 0.1 moves a 200 px tile by up to 10 px).
-        noise: standard deviation of Gaussian noise added to every band of the second view
-            (values in [0, 1]; not clamped), which stops a clustering net from matching the
-            two views on exact pixel values.
-        rgb_bands: indices of the R, G, B bands to jitter; () jitters nothing (e.g. IR-R-G).
-        repeats: pairs drawn from each image per step, each with its own g (the reference's
-            ``num_dataloaders``, 5 for its clustering runs); drawn on the worker only.
-        augment_first: whole-image clustering only: the first view gets its own independent
-            draw of g too, so neither view is the clean image (the reference augments both
-            views of its clustering pairs). Segmentation needs the first view untouched, as g*
-            maps the second view's prediction back into its frame.
-    """
-
-    crop: int = 0
-    strength: float = 1.0
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.125
-    flip: bool = True
-    affine: bool = False
-    rotation: float = 30.0
-    shear: float = 10.0
-    scale: float = 0.2
-    shift: float = 0.0
-    noise: float = 0.0
-    rgb_bands: tuple[int, ...] = (0, 1, 2)
-    repeats: int = 1
-    augment_first: bool = False
-
-    def __post_init__(self) -> None:
-        if self.repeats < 1:
-            raise ValueError(f"pairs.repeats must be >= 1, got {self.repeats!r}")
-        if self.strength < 0:
-            raise ValueError(f"pairs.strength must be >= 0, got {self.strength!r}")
-        if self.shift < 0 or self.noise < 0:
-            raise ValueError(
-                f"pairs.shift and pairs.noise must be >= 0, got {self.shift!r}, {self.noise!r}"
-            )
-        if self.crop < 0:
-            raise ValueError(f"pairs.crop must be >= 0, got {self.crop!r}")
-        if len(self.rgb_bands) not in (0, 3):
-            raise ValueError(f"pairs.rgb_bands must name 3 bands or none, got {self.rgb_bands!r}")
-        if self.strength * self.scale >= 1:
-            raise ValueError(
-                f"pairs.scale * strength must be < 1, got {self.scale * self.strength}"
-            )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PairConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown pairs option(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "rgb_bands" in d:
-            d["rgb_bands"] = tuple(d["rgb_bands"])
-        return cls(**d)
 
 
 def _uniform(n: int, lo: float, hi: float, gen: torch.Generator, device) -> torch.Tensor:
@@ -481,139 +406,3 @@ def random_crops(
         )
     )
     return img, lab
-
-
-def decode_batch(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Shard rows (a numpy batch from Ray Data or pyarrow) -> images (n, B, H, W) float32 in
-    [0, 1] and labels (n, H, W) uint8 (IGNORE_INDEX where unknown)."""
-    raw, labels = decode_raw(batch)
-    return to_unit(raw), labels
-
-
-def decode_raw(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """As ``decode_batch``, but the images stay in the shard's own dtype (uint8 for Potsdam)."""
-    n = len(batch["image"])
-    if n == 0:
-        raise ValueError("empty batch")
-    shape = (int(batch["bands"][0]), int(batch["height"][0]), int(batch["width"][0]))
-    dtype = np.dtype(str(batch["dtype"][0]))
-    raw = np.frombuffer(b"".join(batch["image"]), dtype=dtype).reshape(n, *shape)
-    labels = np.full((n, shape[1], shape[2]), IGNORE_INDEX, dtype=np.uint8)
-    for i, lab in enumerate(batch.get("label", [None] * n)):
-        if lab is not None:
-            labels[i] = np.frombuffer(lab, dtype=np.uint8).reshape(shape[1], shape[2])
-    for i, cls in enumerate(batch.get("class_id", [None] * n)):
-        if cls is not None and not (isinstance(cls, float) and np.isnan(cls)):
-            labels[i] = int(cls)  # whole-image class: every pixel carries it
-    return raw, labels
-
-
-def to_unit(raw: np.ndarray) -> np.ndarray:
-    """Integer images -> float32 in [0, 1] (divided by the dtype's maximum); floats as they are."""
-    scale = 1.0 / np.iinfo(raw.dtype).max if raw.dtype.kind in "ui" else 1.0
-    images = raw.astype(np.float32)
-    images *= np.float32(scale)  # in place: one fresh array per batch, not two
-    return images
-
-
-def from_wire(t: torch.Tensor) -> torch.Tensor:
-    """A view as the pair stage sent it (the shard's integers, or float16) -> float32, scaled as
-    ``to_unit`` scales: integers divided by their dtype's maximum, floats as they are."""
-    if t.is_floating_point():
-        return t.float()
-    return t.float().mul_(1 / torch.iinfo(t.dtype).max)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
-
-    A batch of pairs allocates ~100 MB of fresh tensors. By default glibc serves blocks that big
-    with mmap and unmaps them on free, so every batch page-faults them in again: ~40% of
-    ``make_pairs``' time on CPU (1.5 against 2.4 ms per 200x200 RGBIR pair, measured). Called
-    once per pair-stage actor; the process then keeps its peak heap.
-
-    Returns:
-        True where the setting took (glibc), False elsewhere (nothing changes).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
-    except (OSError, AttributeError):
-        return False
-
-
-class PairMaker:
-    """Ray Data ``map_batches`` callable: shard rows in, training pairs out.
-
-    Args:
-        cfg: PairConfig as a plain dict (what crosses to Ray actors).
-        seed: base seed; each actor adds its own entropy unless ``deterministic``.
-        deterministic: same seed in every actor (for tests).
-    """
-
-    def __init__(self, cfg: dict, seed: int = 0, deterministic: bool = False):
-        self.cfg = PairConfig.from_dict(cfg)
-        entropy = [seed] if deterministic else [seed, int.from_bytes(np.random.bytes(4), "big")]
-        self.rng = np.random.default_rng(entropy)
-        self.gen = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
-        torch.set_num_threads(1)  # one core per actor; the pool provides the parallelism
-        keep_freed_memory()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raw, labels = decode_raw(batch)
-        raw, labels = random_crops(raw, labels, self.cfg.crop, self.rng)
-        raw = np.ascontiguousarray(raw)
-        with torch.no_grad():
-            if fits_u8_path(raw):
-                out = make_pairs_u8(raw, self.cfg, self.gen)
-            else:
-                out = make_pairs(torch.from_numpy(to_unit(raw)), self.cfg, self.gen)
-        # The views travel in the fewest bytes that hold them (see ``from_wire``): moving them
-        # through the object store limited the pool as much as drawing them (identity
-        # transform: float16 views at about half the pairs per second of uint8 ones, measured).
-        return {
-            # the shard's own values (exact), unless the first view is drawn too
-            "x": _wire(out["x"]) if self.cfg.augment_first else raw,
-            "gx": _wire(out["gx"]),
-            "inverse": out["inverse"].numpy(),
-            "mask": out["mask"].numpy(),
-            "label": labels,
-            "tile_id": np.asarray(batch["tile_id"]),
-        }
-
-
-def _wire(gx: torch.Tensor) -> np.ndarray:
-    # 8-bit stays 8-bit; floats (noise, 16-bit imagery) go as float16 (error < 5e-4).
-    return gx.numpy() if gx.dtype == torch.uint8 else gx.half().numpy()
-
-
-def pair_dataset(
-    path: str | list[str],
-    cfg: PairConfig,
-    *,
-    actors: int = 2,
-    batch_size: int = 32,
-    num_cpus: float = 0.5,
-    seed: int = 0,
-):
-    """A Ray Dataset of pairs from a shard folder (any pyarrow filesystem URI).
-
-    The pool's actors take fractional CPUs so that read tasks and Train workers are not starved
-    on small machines (see RAY_NOTES).
-    """
-    import ray.data
-
-    # Read tasks at a quarter CPU too: a whole free CPU may never come on a small machine. At
-    # most one per actor: by default Ray Data runs up to 4 per free CPU, each in a worker
-    # process that costs ~1 CPU-second to start, and on 2 cores that start-up churn took more
-    # CPU than the reads (23 against 14 processes per run, ~20% more pairs/s, measured).
-    reads = ray.data.read_parquet(path, num_cpus=0.25, concurrency=max(1, actors))
-    return reads.map_batches(
-        PairMaker,
-        fn_constructor_kwargs={"cfg": asdict(cfg), "seed": seed},
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_cpus=num_cpus,
-    )

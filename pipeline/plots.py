@@ -1,17 +1,15 @@
-"""Tracking: the MLflow record of a run beyond per-epoch metrics.
-
-After training, the driver evaluates the final checkpoint once more (``pipeline.evaluate``) and
-logs to the run: overlays of image / prediction / ground truth (paper Fig. 4), the joint P(z, z')
-against the product of its marginals (Fig. 2), cluster masses over epochs (Fig. 7), the confusion
-matrix, the final ``eval_*`` metrics, and the model (``mlflow.pytorch``), registered under the
-run name. The plots are also written next to the checkpoints so they can be found without a UI.
+"""Every figure of the project, as PNG files: a run's (paper Fig. 4 overlays of image /
+prediction / ground truth, Fig. 2 joint P(z, z') against the product of its marginals, Fig. 7
+cluster masses over epochs, the confusion matrix) and a search's (each metric against each
+searched value). Written under temporary names and renamed, next to the checkpoints, so they can
+be found without a UI; ``pipeline.tracking`` logs them to MLflow.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -19,15 +17,23 @@ matplotlib.use("Agg")  # no display on workers or CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
-from pipeline.config import Config  # noqa: E402
 from pipeline.evaluate import Evaluation  # noqa: E402
 from pipeline.metrics import hungarian_mapping  # noqa: E402
-from pipeline.prepare.shards import write_json_atomic  # noqa: E402
+from pipeline.storage import write_json_atomic  # noqa: E402
+from pipeline.tune.space import Dimension  # noqa: E402
 
-log = logging.getLogger(__name__)
-REPORT_TAG = "iid.report"  # set once the final report is logged: a resumed run skips it
+# A search's trial as its plots see it: sampled values by config path, final metrics, whether
+# it was stopped early.
+Trial = tuple[dict[str, Any], dict[str, float], bool]
+
+
+def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def class_palette(n: int) -> np.ndarray:
@@ -122,65 +128,48 @@ def write_plots(
         figures["masses.png"] = plot_masses(history)
     if ev.examples and ev.examples[0][1].ndim == 2:  # dense predictions only
         figures["overlays.png"] = plot_overlays(ev, classes)
-    paths = []
-    for name, fig in figures.items():
-        tmp = out / f".{name}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        tmp.replace(out / name)
-        paths.append(out / name)
+    paths = [_save(fig, out / name, dpi=110) for name, fig in figures.items()]
     counts = {"classes": list(classes), "best_subhead": ev.best, "counts": ev.counts.tolist()}
     write_json_atomic(out / "confusion.json", counts)
     return paths + [out / "confusion.json"]
 
 
-def model_requirements() -> list[str]:
-    """What loading the pickled model needs. Listed here: left to MLflow, it loads the model in
-    a subprocess to find its imports, ~11 s per run on 2 cores."""
-    from importlib.metadata import version
+def plot_trials(trials: Sequence[Trial], dims: Sequence[Dimension], out: Path) -> list[Path]:
+    """One PNG per (metric, searched parameter): the final metric of each trial against the
+    parameter's value, trials stopped early drawn hollow.
 
-    # Without the local label (+cu130): `torch==2.14.1` accepts every build of that version.
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "torchvision", "iid-pipeline")]
-
-
-def log_report(
-    uri: str,
-    run_id: str,
-    cfg: Config,
-    model: torch.nn.Module,
-    ev: Evaluation,
-    classes: Sequence[str],
-    history: Sequence[dict],
-    plot_dir: Path,
-) -> dict:
-    """Log plots, final metrics and the registered model to an existing MLflow run.
-
-    Returns:
-        ``{"plots": folder, "model_uri": registered model URI, "run_id": run_id}``.
+    Args:
+        trials: per trial (sampled values by config path, final metrics, stopped early?).
+        dims: the searched dimensions.
+        out: folder for the PNGs.
     """
-    import mlflow
-    import mlflow.pytorch
-
-    mlflow.set_tracking_uri(uri)
-    paths = write_plots(ev, classes, history, plot_dir)
-    # The config travels inside the pickled model, so `iid evaluate models:/...` can rebuild
-    # the label mapping and pairs without the run's params.
-    model = model.cpu().eval()
-    model.iid_config = cfg.to_dict()
-    with mlflow.start_run(run_id=run_id):
-        for p in paths:
-            mlflow.log_artifact(str(p), artifact_path="plots")
-        mlflow.log_metrics(ev.summary())
-        # Pickle, not MLflow's default pt2 export: the model keeps its two-head forward(x, head)
-        # and the config attribute (an exported graph would keep neither).
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            registered_model_name=cfg.run.name,
-            serialization_format="pickle",
-            pip_requirements=model_requirements(),
-        )
-        mlflow.set_tag(REPORT_TAG, "done")
-    version = getattr(info, "registered_model_version", None)
-    model_uri = f"models:/{cfg.run.name}/{version}" if version else info.model_uri
-    return {"plots": str(plot_dir), "model_uri": model_uri, "run_id": run_id}
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric in ("mi", "acc"):
+        if not any(metric in metrics for _, metrics, _ in trials):
+            continue
+        for dim in dims:
+            fig, ax = plt.subplots(figsize=(4.5, 3.2))
+            for stopped in (False, True):
+                pts = [
+                    (params[dim.path], metrics[metric])
+                    for params, metrics, early in trials
+                    if metric in metrics and early == stopped
+                ]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    ax.scatter(
+                        [str(x) if dim.kind in ("choice", "grid") else x for x in xs],
+                        ys,
+                        facecolors="none" if stopped else "C0",
+                        edgecolors="C0",
+                        label="stopped early" if stopped else "full run",
+                    )
+            if dim.kind == "loguniform":
+                ax.set_xscale("log")
+            ax.set_xlabel(dim.path)
+            ax.set_ylabel(metric)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            paths.append(_save(fig, out / f"{metric}_vs_{dim.path}.png", dpi=100))
+    return paths

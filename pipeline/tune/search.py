@@ -1,22 +1,7 @@
-"""Tuning: search spaces over config paths (``tune_spaces/*.yaml``) and the Ray Tune search.
-
-A space file maps config paths to one distribution each::
-
-    params:
-      loss.lamb_b:      {loguniform: [1.0, 3.0]}
-      loss.half_window: {randint: [3, 10]}       # integers, upper bound inclusive
-      pairs.strength:   {uniform: [0.5, 1.5]}
-      optim.lr:         {choice: [1.0e-4, 3.0e-4, 1.0e-3]}
-      loss.lamb_a:      {grid: [1.0, 1.5]}        # every value, crossed with the samples
-
-Everything is checked before a trial starts: the path must name a config field, the
-distribution must be known, a range must be non-empty (and positive for ``loguniform``), every
-value must have the field's type, and the range's ends and every listed value must pass the
-config's own validation on top of the base config (so ``lamb_b: {uniform: [0, 2]}`` fails here,
-not in trial 7).
+"""Hyperparameter search: a Ray Tune search whose trials are Ray Train runs.
 
 A search (``run_search``) is a ``ray.tune.Tuner`` whose trials each launch a Ray Train run
-(``run_trial``: the Train V2 pattern, a TorchTrainer built inside the trial with
+(``run_trial``: the Train V2 pattern, ``train.launch`` inside the trial with
 ``TuneReportCallback``), ASHA stopping weak trials after ``grace_period`` epochs, Optuna (or
 random search) proposing configs. Trials are ranked without labels by default: ``mi``, the
 lambda=1 mutual information of head B on held-out pairs drawn with the *base* config's pairs
@@ -24,9 +9,9 @@ lambda=1 mutual information of head B on held-out pairs drawn with the *base* co
 logged next to it when labels exist, and the summary reports how well the two rankings agree.
 
 On disk, under ``run.storage_path/NAME``: Tune's own state (what ``--resume`` restores),
-``search.json`` (everything needed to rebuild the search), ``trials/`` (each trial's Train run
-and checkpoints), and at the end ``trials.csv``, ``best_config.yaml`` and ``plots/``. In MLflow:
-one parent run for the search and one child run per trial.
+``search.json`` (the ``SearchRecord``: everything needed to rebuild the search), ``trials/``
+(each trial's Train run and checkpoints), and at the end ``trials.csv``, ``best_config.yaml``
+and ``plots/``. In MLflow: one parent run for the search and one child run per trial.
 """
 
 from __future__ import annotations
@@ -38,7 +23,6 @@ import json
 import logging
 import math
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,130 +32,15 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipeline import storage
-from pipeline.config import Config, ConfigError, _coerce, read_yaml
+from pipeline import checkpoint, storage, tracking
+from pipeline.config import Config, ConfigError, PairConfig
+from pipeline.data.format import read_manifest, training_inputs
+from pipeline.plots import plot_trials
+from pipeline.train import launch, make_job, start_ray
+from pipeline.tune.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
 
-DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One searched config path.
-
-    Attributes:
-        path: ``section.field`` in the config tree.
-        kind: one of DISTRIBUTIONS.
-        values: ``(low, high)`` for ranges, the listed values for ``choice`` and ``grid``.
-    """
-
-    path: str
-    kind: str
-    values: tuple
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    dims: tuple[Dimension, ...]
-
-    def to_ray(self) -> dict[str, Any]:
-        """``param_space`` for ``ray.tune.Tuner``, keyed by config path."""
-        from ray import tune
-
-        make = {
-            "uniform": lambda v: tune.uniform(*v),
-            "loguniform": lambda v: tune.loguniform(*v),
-            "randint": lambda v: tune.randint(v[0], v[1] + 1),  # Ray's upper bound is exclusive
-            "choice": lambda v: tune.choice(list(v)),
-            "grid": lambda v: tune.grid_search(list(v)),
-        }
-        return {d.path: make[d.kind](d.values) for d in self.dims}
-
-    def apply(self, base: dict, sample: dict[str, Any]) -> Config:
-        """The trial's config: ``base`` (a config dict) with the sampled values set."""
-        out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-        for path, value in sample.items():
-            section, key = path.split(".", 1)
-            out.setdefault(section, {})[key] = value
-        return Config.from_dict(out)
-
-
-def _field_type(path: str) -> object:
-    parts = path.split(".")
-    hints = typing.get_type_hints(Config)
-    if len(parts) != 2 or parts[0] not in hints:
-        raise ConfigError(
-            f"{path}: not a config path (expected section.key, sections: "
-            f"{', '.join(f.name for f in dataclasses.fields(Config))})"
-        )
-    section = hints[parts[0]]
-    fields = typing.get_type_hints(section)
-    if parts[1] not in fields:
-        raise ConfigError(f"{path}: unknown key (known in {parts[0]}: {', '.join(sorted(fields))})")
-    return fields[parts[1]]
-
-
-def _dimension(path: str, spec: object) -> Dimension:
-    tp = _field_type(path)
-    if not isinstance(spec, dict) or len(spec) != 1:
-        raise ConfigError(
-            f"{path}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}"
-        )
-    kind, values = next(iter(spec.items()))
-    if kind not in DISTRIBUTIONS:
-        raise ConfigError(
-            f"{path}: unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)})"
-        )
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{path}: {kind} needs a non-empty list, got {values!r}")
-    values = [_coerce(tp, v, path) for v in values]
-    if kind in ("uniform", "loguniform", "randint"):
-        if len(values) != 2:
-            raise ConfigError(f"{path}: {kind} needs [low, high], got {values!r}")
-        if kind == "randint" and tp is not int:
-            raise ConfigError(f"{path}: randint needs an integer key, {path} is {tp}")
-        if kind != "randint" and tp is not float:
-            raise ConfigError(f"{path}: {kind} needs a number key, {path} is {tp}")
-        low, high = values
-        if not low < high:
-            raise ConfigError(f"{path}: empty range [{low}, {high}] (need low < high)")
-        if kind == "loguniform" and low <= 0:
-            raise ConfigError(f"{path}: loguniform needs low > 0, got {low}")
-    return Dimension(path, kind, tuple(values))
-
-
-def parse_space(raw: object, base: dict | None = None, source: str = "space") -> SearchSpace:
-    """Validate a space (the YAML's content) and, given the base config dict, every extreme.
-
-    Raises:
-        ConfigError: one line naming the file and the path.
-    """
-    try:
-        if not isinstance(raw, dict) or set(raw) != {"params"} or not raw["params"]:
-            raise ConfigError(
-                "expected a mapping with one key, params: {config.path: {dist: [...]}}"
-            )
-        if not isinstance(raw["params"], dict):
-            raise ConfigError(f"params: expected a mapping, got {raw['params']!r}")
-        space = SearchSpace(tuple(_dimension(p, s) for p, s in raw["params"].items()))
-        if base is not None:
-            for dim in space.dims:
-                for value in dim.values:  # a range's ends, every listed value
-                    space.apply(base, {dim.path: value})
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from err
-    return space
-
-
-def load_space(path: str | Path, base: dict | None = None) -> SearchSpace:
-    """Read and validate ``tune_spaces/NAME.yaml``."""
-    path = Path(path)
-    raw = read_yaml(path, "search space")
-    return parse_space(raw, base, str(path))
-
-
-# ------------------------------------------------------------------------- running a search
 METRICS = ("mi", "acc", "nmi", "ari")  # all maximised; only "mi" needs no labels
 LABELLED = ("acc", "nmi", "ari")
 SEARCH_FILE = "search.json"
@@ -244,6 +113,42 @@ class SearchOutcome:
     tracking_uri: str
 
 
+@dataclass(frozen=True)
+class SearchRecord:
+    """Everything needed to rebuild a search: its ``search.json``.
+
+    Attributes:
+        options: how it searches.
+        base: the user's base config dict (YAML plus overrides), paths as written.
+        resolved: ``base`` as a full config dict, local paths absolute and the tracking URI set:
+            what every trial starts from (trials run in their own folders).
+        space: the search space file's content.
+        tracking_uri: the MLflow store of the parent and child runs.
+        folder: ``run.storage_path/NAME``, absolute.
+        parent_run_id: the search's MLflow run.
+    """
+
+    options: SearchOptions
+    base: dict
+    resolved: dict
+    space: dict
+    tracking_uri: str
+    folder: str
+    parent_run_id: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SearchRecord:
+        return cls(**(d | {"options": SearchOptions(**d["options"])}))
+
+    @property
+    def eval_pairs(self) -> PairConfig:
+        """The base config's pairs: every trial's held-out MI is measured on them."""
+        return Config.from_dict(self.resolved).pairs
+
+
 def _resolved(base: dict, uri: str) -> dict:
     """The base config with every local path absolute: trials run in their own folders."""
     out = {k: dict(v) for k, v in base.items()}
@@ -271,9 +176,6 @@ def run_search(
         ConfigError: bad config, space or options, missing shards, an existing search of that
             name, or an unreachable tracking store; all before any trial starts.
     """
-    from pipeline.prepare.shards import write_json_atomic
-    from pipeline.train import check_tracking, default_tracking_uri, start_ray, training_inputs
-
     cfg = Config.from_dict(base)
     space = parse_space(raw_space, cfg.to_dict(), space_source)
     if opts.algorithm == "optuna" and any(d.kind == "grid" for d in space.dims):
@@ -287,24 +189,29 @@ def run_search(
             f"--metric {opts.metric}: the eval split {cfg.data.eval_split!r} of "
             f"{cfg.data.shards} has no labels; rank by mi instead"
         )
-    uri = cfg.run.tracking_uri or default_tracking_uri()
-    check_tracking(uri)
+    uri = tracking.resolve_uri(cfg.run.tracking_uri)
+    tracking.check_reachable(uri)
     folder = storage.join(storage.absolute(cfg.run.storage_path), opts.name)
     if storage.is_file(storage.join(folder, SEARCH_FILE)):
         raise ConfigError(
             f"--name: a search {opts.name!r} exists in {folder}; continue it with "
             f"`iid tune --resume {folder}` or choose another --name"
         )
-    record = {
-        "options": dataclasses.asdict(opts),
-        "base": base,
-        "resolved": _resolved(Config.from_dict(base).to_dict(), uri),
-        "space": raw_space,
-        "tracking_uri": uri,
-        "folder": folder,
-    }
-    record["parent_run_id"] = _parent_run(uri, cfg, opts, space, folder, base)
-    write_json_atomic(storage.join(folder, SEARCH_FILE), record)
+    # The parent run's params: options, the space and the base config's unsearched values.
+    params = {f"search.{k}": v for k, v in dataclasses.asdict(opts).items()}
+    params |= {f"space.{d.path}": f"{d.kind}{list(d.values)}" for d in space.dims}
+    params |= {k: v for k, v in cfg.flat().items() if k not in space.paths}
+    params["search.folder"] = folder
+    record = SearchRecord(
+        options=opts,
+        base=base,
+        resolved=_resolved(cfg.to_dict(), uri),
+        space=raw_space,
+        tracking_uri=uri,
+        folder=folder,
+        parent_run_id=tracking.create_search_run(uri, cfg.run.experiment, opts.name, params),
+    )
+    storage.write_json_atomic(storage.join(folder, SEARCH_FILE), record.to_dict())
     start_ray()
     _checkpoint_often()
     tuner = ray.tune.Tuner(
@@ -341,11 +248,11 @@ def resume_search(path: str | Path) -> SearchOutcome:
     Raises:
         ConfigError: ``path`` is not a search folder.
     """
-    from pipeline.train import check_tracking, start_ray
-
     folder = storage.absolute(str(path).rstrip("/"))
     try:
-        record = json.loads(storage.read_text(storage.join(folder, SEARCH_FILE)))
+        record = SearchRecord.from_dict(
+            json.loads(storage.read_text(storage.join(folder, SEARCH_FILE)))
+        )
     except FileNotFoundError as err:
         raise ConfigError(
             f"--resume {path}: no {SEARCH_FILE}; expected the folder `iid tune` printed "
@@ -353,7 +260,7 @@ def resume_search(path: str | Path) -> SearchOutcome:
         ) from err
     except json.JSONDecodeError as err:
         raise ConfigError(f"{folder}/{SEARCH_FILE}: not valid JSON ({err.msg})") from err
-    check_tracking(record["tracking_uri"])
+    tracking.check_reachable(record.tracking_uri)
     if not ray.tune.Tuner.can_restore(folder):
         raise ConfigError(f"--resume {path}: no Tune state to restore (did the search start?)")
     start_ray()
@@ -363,8 +270,6 @@ def resume_search(path: str | Path) -> SearchOutcome:
 
 
 def _has_labels(cfg: Config) -> bool:
-    from pipeline.prepare.shards import read_manifest
-
     split = read_manifest(cfg.data.shards)["splits"].get(cfg.data.eval_split, {})
     return sum(split.get("class_pixels", [])) > 0
 
@@ -383,7 +288,7 @@ def _search_algorithm(name: str, seed: int):
     return OptunaSearch(seed=seed)
 
 
-def _trainable(record: dict):
+def _trainable(record: SearchRecord):
     # The trial's driver function only waits on its TorchTrainer: a sliver of a CPU, so the
     # training workers (scaling.*) get the cores.
     return ray.tune.with_resources(
@@ -391,29 +296,22 @@ def _trainable(record: dict):
     )
 
 
-def trial_config(record: dict, sample: dict[str, Any], trial_id: str) -> Config:
+def trial_config(record: SearchRecord, sample: dict[str, Any], trial_id: str) -> Config:
     """A trial's config: the resolved base, the sampled values, its own run name and folder."""
-    base = {k: dict(v) for k, v in record["resolved"].items()}
+    base = {k: dict(v) for k, v in record.resolved.items()}
     base["run"] |= {
-        "name": f"{record['options']['name']}-{trial_id}",
-        "storage_path": storage.join(record["folder"], "trials"),
+        "name": f"{record.options.name}-{trial_id}",
+        "storage_path": storage.join(record.folder, "trials"),
     }
-    space = parse_space(record["space"])
-    return space.apply(base, {k: v for k, v in sample.items() if k in base_paths(space)})
+    space = parse_space(record.space)
+    return space.apply(base, {k: v for k, v in sample.items() if k in space.paths})
 
 
-def base_paths(space: SearchSpace) -> set[str]:
-    return {d.path for d in space.dims}
-
-
-def run_trial(config: dict, search: dict) -> None:
+def run_trial(config: dict, search: SearchRecord) -> None:
     """One trial (runs inside a Tune trial actor): a Ray Train run of the sampled config whose
     per-epoch reports reach Tune (and ASHA) through ``TuneReportCallback``."""
     import ray.data
-    import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipeline.train import _worker_error, make_trainer, mlflow_run, training_inputs
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # per process
     trial_id = ray.tune.get_context().get_trial_id()
@@ -424,37 +322,26 @@ def run_trial(config: dict, search: dict) -> None:
         # Trained to the end before the search was interrupted: report again, never retrain.
         ray.tune.report(done[-1])
         return
-    uri = search["tracking_uri"]
     tags = {
-        "mlflow.parentRunId": search["parent_run_id"],
-        "iid.search": search["options"]["name"],
+        "mlflow.parentRunId": search.parent_run_id,
+        "iid.search": search.options.name,
         "iid.trial_id": trial_id,
     }
-    run_id = mlflow_run(uri, cfg, run_dir, tags)
-    trainer = make_trainer(
-        cfg,
-        training_inputs(cfg),
-        {"uri": uri, "run_id": run_id},
-        callbacks=[TuneReportCallback()],
-        eval_pairs=Config.from_dict(search["resolved"]).pairs,
-    )
+    run_id = tracking.run_for(search.tracking_uri, cfg, run_dir, tags)
+    inputs = training_inputs(cfg)
+    job = make_job(cfg, inputs, search.tracking_uri, run_id, search.eval_pairs)
     # Tune ends this actor as soon as the last epoch is reported (or ASHA stops the trial), so
-    # nothing after fit() is sure to run: the driver closes the child runs in summarise().
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        raise _worker_error(err) from err
+    # nothing after launch() is sure to run: the driver closes the child runs in summarise().
+    launch(job, inputs.train_dirs, callbacks=[TuneReportCallback()])
 
 
 def _finished_history(run_dir: str, epochs: int) -> list[dict]:
     """The epoch history of a trial's newest checkpoint if it reached the last epoch, else []."""
-    from pipeline.evaluate import load_checkpoint
-
     checkpoints = storage.list_dirs(run_dir, "checkpoint_")  # names sort by time
     if not checkpoints:
         return []
     try:
-        state = load_checkpoint(checkpoints[-1])
+        state = checkpoint.load(checkpoints[-1])
     except Exception:  # noqa: BLE001 - a half-written newest checkpoint: let Train resume
         return []
     return state["history"] if state["epoch"] + 1 >= epochs else []
@@ -483,17 +370,13 @@ def _fmt_metrics(m: dict) -> str:
 
 
 # -------------------------------------------------------------------------- summarising
-def summarise(record: dict, grid) -> SearchOutcome:
+def summarise(record: SearchRecord, grid) -> SearchOutcome:
     """Rows of every trial, the best by the search metric, and the outputs: ``trials.csv``,
     ``best_config.yaml``, plots, the child runs' final tags and the parent run's summary."""
-    import mlflow
-
-    opts = SearchOptions(**record["options"])
-    epochs = int(record["resolved"]["optim"]["epochs"])
-    uri, folder = record["tracking_uri"], record["folder"]
-    client = mlflow.MlflowClient(uri)
-    children = _child_runs(client, record["parent_run_id"])
-    space = parse_space(record["space"])
+    opts, uri, folder = record.options, record.tracking_uri, record.folder
+    epochs = int(record.resolved["optim"]["epochs"])
+    children = tracking.trial_runs(uri, record.parent_run_id)
+    space = parse_space(record.space)
     rows = [_row(r, space, epochs, children) for r in grid]
     rows.sort(key=lambda r: _key(r, opts.metric), reverse=True)
     ranked = [r for r in rows if math.isfinite(r.metrics.get(opts.metric, math.nan))]
@@ -505,31 +388,19 @@ def summarise(record: dict, grid) -> SearchOutcome:
     _write_csv(rows, space, storage.join(folder, "trials.csv"))
     for row in rows:
         if row.run_id:
-            _close_child(client, row)
+            tracking.close_trial_run(uri, row.run_id, row.epochs, row.status)
     outcome = SearchOutcome(
-        rows, best, opts.metric, spearman, best_config, folder, record["parent_run_id"], uri
+        rows, best, opts.metric, spearman, best_config, folder, record.parent_run_id, uri
     )
+    trials = [(r.params, r.metrics, r.status == "stopped early") for r in rows]
     with storage.staged_dir(storage.join(folder, "plots")) as out:
-        _log_parent(client, outcome, space, plot_trials(rows, space, out))
+        _log_parent(outcome, plot_trials(trials, space.dims, out))
     return outcome
 
 
 def _key(row: TrialRow, metric: str) -> float:
     value = row.metrics.get(metric, math.nan)
     return value if math.isfinite(value) else -math.inf
-
-
-def _child_runs(client, parent_run_id: str) -> dict[str, str]:
-    """trial id -> MLflow run id of the search's child runs."""
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        max_results=10_000,
-    )
-    return {
-        r.data.tags["iid.trial_id"]: r.info.run_id for r in runs if "iid.trial_id" in r.data.tags
-    }
 
 
 def _row(result, space: SearchSpace, epochs: int, children: dict[str, str]) -> TrialRow:
@@ -561,31 +432,27 @@ def rank_correlation(rows: list[TrialRow], a: str, b: str) -> float:
     return float(spearmanr(xs, ys).statistic)
 
 
-def write_best_config(record: dict, best: TrialRow, path: str | Path) -> str:
+def write_best_config(record: SearchRecord, best: TrialRow, path: str | Path) -> str:
     """The user's base config with the best trial's values, as YAML for ``iid train --config``.
 
     Paths stay as the user wrote them; the run gets its own name, so training it does not
     collide with the trials.
     """
-    from pipeline.prepare.shards import write_text_atomic
-
-    base = {k: dict(v) for k, v in record["base"].items()}
-    base.setdefault("run", {})["name"] = f"{record['options']['name']}-best"
-    cfg = parse_space(record["space"]).apply(base, best.params)
+    base = {k: dict(v) for k, v in record.base.items()}
+    base.setdefault("run", {})["name"] = f"{record.options.name}-best"
+    cfg = parse_space(record.space).apply(base, best.params)
     plain = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists for YAML
     scores = _fmt_metrics(best.metrics)
     header = (
-        f"# Best trial {best.trial_id} of search {record['options']['name']} by "
-        f"{record['options']['metric']} ({scores}, {best.epochs} epochs).\n"
+        f"# Best trial {best.trial_id} of search {record.options.name} by "
+        f"{record.options.metric} ({scores}, {best.epochs} epochs).\n"
         f"# Train it: iid train --config {path}\n"
     )
-    write_text_atomic(path, header + yaml.safe_dump(plain, sort_keys=False))
+    storage.write_text_atomic(path, header + yaml.safe_dump(plain, sort_keys=False))
     return str(path)
 
 
 def _write_csv(rows: list[TrialRow], space: SearchSpace, path: str) -> None:
-    from pipeline.prepare.shards import write_text_atomic
-
     buf = io.StringIO()
     writer = csv.writer(buf)
     paths = [d.path for d in space.dims]
@@ -596,52 +463,7 @@ def _write_csv(rows: list[TrialRow], space: SearchSpace, path: str) -> None:
             + [r.metrics.get(k, "") for k in METRICS]
             + [r.run_id]
         )
-    write_text_atomic(path, buf.getvalue())
-
-
-def plot_trials(rows: list[TrialRow], space: SearchSpace, out: Path) -> list[Path]:
-    """One PNG per (metric, searched parameter): the final metric of each trial against the
-    parameter's value, trials stopped early drawn hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for metric in ("mi", "acc"):
-        if not any(metric in r.metrics for r in rows):
-            continue
-        for dim in space.dims:
-            fig, ax = plt.subplots(figsize=(4.5, 3.2))
-            for stopped in (False, True):
-                pts = [
-                    (r.params[dim.path], r.metrics[metric])
-                    for r in rows
-                    if metric in r.metrics and (r.status == "stopped early") == stopped
-                ]
-                if pts:
-                    xs, ys = zip(*pts, strict=True)
-                    ax.scatter(
-                        [str(x) if dim.kind in ("choice", "grid") else x for x in xs],
-                        ys,
-                        facecolors="none" if stopped else "C0",
-                        edgecolors="C0",
-                        label="stopped early" if stopped else "full run",
-                    )
-            if dim.kind == "loguniform":
-                ax.set_xscale("log")
-            ax.set_xlabel(dim.path)
-            ax.set_ylabel(metric)
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            path = out / f"{metric}_vs_{dim.path}.png"
-            tmp = out / f".{path.name}.tmp.png"
-            fig.savefig(tmp, dpi=100)
-            plt.close(fig)
-            tmp.replace(path)
-            paths.append(path)
-    return paths
+    storage.write_text_atomic(path, buf.getvalue())
 
 
 def format_table(outcome: SearchOutcome) -> str:
@@ -678,48 +500,15 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-# ------------------------------------------------------------------------------ MLflow
-def _parent_run(
-    uri: str, cfg: Config, opts: SearchOptions, space: SearchSpace, folder: str, base: dict
-) -> str:
-    """The search's MLflow run: options, the space and the base config's unsearched values."""
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.run.experiment)
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(
-        experiment.experiment_id, run_name=opts.name, tags={"iid.kind": "search"}
-    )
-    searched = base_paths(space)
-    params = {f"search.{k}": v for k, v in dataclasses.asdict(opts).items()}
-    params |= {f"space.{d.path}": f"{d.kind}{list(d.values)}" for d in space.dims}
-    params |= {k: v for k, v in cfg.flat().items() if k not in searched}
-    params["search.folder"] = folder
-    client.log_batch(
-        run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()]
-    )
-    return run.info.run_id
-
-
-def _close_child(client, row: TrialRow) -> None:
-    # The trial's rank 0 logs every epoch it trains. A trial that ASHA stops may finish (and
-    # log) one more epoch while the stop is on its way, which the search does not count: the
-    # tag says which epochs the search ranked the trial on.
-    client.set_tag(row.run_id, "iid.epochs_counted", str(row.epochs))
-    client.set_tag(row.run_id, "iid.stopped_early", str(row.status == "stopped early").lower())
-    client.set_tag(row.run_id, "iid.status", row.status)
-    client.set_terminated(row.run_id, "FAILED" if row.status.startswith("error") else "FINISHED")
-
-
-def _log_parent(client, outcome: SearchOutcome, space: SearchSpace, plots: list[Path]) -> None:
-    run_id, folder = outcome.parent_run_id, outcome.folder
-    for name in ("trials.csv", "best_config.yaml"):
-        if storage.is_file(storage.join(folder, name)):
-            client.log_text(run_id, storage.read_text(storage.join(folder, name)), name)
-    for p in plots:
-        client.log_artifact(run_id, str(p), artifact_path="plots")
-    client.log_text(run_id, format_table(outcome), "summary.txt")
+def _log_parent(outcome: SearchOutcome, plots: list[Path]) -> None:
+    """The search's outcome in its MLflow parent run."""
+    folder = outcome.folder
+    texts = {
+        name: storage.read_text(storage.join(folder, name))
+        for name in ("trials.csv", "best_config.yaml")
+        if storage.is_file(storage.join(folder, name))
+    }
+    texts["summary.txt"] = format_table(outcome)
     metrics = {
         "trials": len(outcome.rows),
         "trials_stopped_early": sum(r.status == "stopped early" for r in outcome.rows),
@@ -727,11 +516,12 @@ def _log_parent(client, outcome: SearchOutcome, space: SearchSpace, plots: list[
     }
     if math.isfinite(outcome.spearman):
         metrics["spearman_mi_acc"] = outcome.spearman
+    tags = {}
     if outcome.best is not None:
         metrics |= {f"best_{k}": v for k, v in outcome.best.metrics.items()}
-        client.set_tag(run_id, "iid.best_trial", outcome.best.trial_id)
+        tags["iid.best_trial"] = outcome.best.trial_id
         if outcome.best.run_id:
-            client.set_tag(run_id, "iid.best_run", outcome.best.run_id)
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, float(v))
-    client.set_terminated(run_id, "FINISHED")
+            tags["iid.best_run"] = outcome.best.run_id
+    tracking.finish_search_run(
+        outcome.tracking_uri, outcome.parent_run_id, texts, plots, metrics, tags
+    )

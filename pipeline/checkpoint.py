@@ -1,0 +1,123 @@
+"""The checkpoint: one flat dict in one file per Ray Train checkpoint folder, written and read
+only here.
+
+Keys: ``model`` and ``optimizer`` (state dicts), ``epoch`` (the last one trained, from 0),
+``history`` (one metrics dict per epoch), ``config`` (``Config.to_dict()``), ``classes``,
+``torch_rng`` (the CPU generator's state), ``counts`` (the last epoch's (sub-heads, K, M)
+confusion counts) and ``nodes`` (the Ray node id of each worker, by rank).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, ConfigError, Job
+from pipeline.models import build_model
+from pipeline.tracking import load_logged_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save(
+    folder: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    history: list[dict],
+    job: Job,
+    counts: torch.Tensor,
+    nodes: list[str],
+) -> None:
+    """Write the checkpoint of the end of the epoch ``history[-1]`` describes into ``folder``
+    (of a DDP model, its own module's weights)."""
+    raw = model.module if hasattr(model, "module") else model
+    torch.save(
+        {
+            "model": raw.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": history[-1]["epoch"],
+            "history": history,
+            "config": job.config.to_dict(),
+            "classes": list(job.classes),
+            "torch_rng": torch.get_rng_state(),
+            "counts": counts,
+            "nodes": nodes,
+        },
+        Path(folder) / CHECKPOINT_FILE,
+    )
+
+
+def newest(path: str | Path) -> str:
+    """The checkpoint file that ``path`` names: the file itself, the file of a checkpoint folder,
+    or the newest ``checkpoint_*`` of a run folder (local, or a storage URI).
+
+    Raises:
+        ConfigError: when no checkpoint is found there.
+    """
+    path = str(path)
+    if not storage.is_dir(path):
+        return path
+    if storage.is_file(storage.join(path, CHECKPOINT_FILE)):
+        return storage.join(path, CHECKPOINT_FILE)
+    # Ray Train numbers checkpoints in order: checkpoint_000009 is the newest.
+    found = [
+        storage.join(d, CHECKPOINT_FILE)
+        for d in storage.list_dirs(path, "checkpoint_")
+        if storage.is_file(storage.join(d, CHECKPOINT_FILE))
+    ]
+    if not found:
+        raise ConfigError(f"--model: no {CHECKPOINT_FILE} in {path} or its checkpoint_* dirs")
+    return found[-1]
+
+
+def load(path: str | Path) -> dict:
+    """The checkpoint dict of a checkpoint file, a checkpoint folder, or a run folder (its newest
+    ``checkpoint_*``); local, or a storage URI (``s3://bucket/runs/NAME``).
+
+    Raises:
+        ConfigError: when no readable checkpoint is found there.
+    """
+    path = newest(path)
+    try:
+        with storage.open_input(path) as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ConfigError(f"--model: {path} is not a readable checkpoint ({err})") from err
+
+
+def resume(
+    folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[int, list[dict]]:
+    """Restore model, optimiser and the CPU generator from a checkpoint folder.
+
+    Returns:
+        (the first epoch still to train, the history so far).
+    """
+    state = load(folder)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["epoch"] + 1, state["history"]
+
+
+def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
+    """A model (in eval mode) and its training config from a checkpoint path (as ``load``
+    takes it) or an MLflow model URI (``models:/name/3``, ``runs:/<id>/model``; the tracking
+    URI comes from the environment).
+
+    Raises:
+        ConfigError: when the URI names neither, or the model carries no config.
+    """
+    if storage.is_uri(uri) or Path(uri).exists():
+        state = load(uri)
+        cfg = Config.from_dict(state["config"])
+        model = build_model(cfg.model)
+        model.load_state_dict(state["model"])
+        return model.eval(), cfg
+    if ":/" not in uri:
+        raise ConfigError(f"--model: {uri!r} is neither a checkpoint path nor an MLflow model URI")
+    model, config = load_logged_model(uri)
+    return model.eval(), Config.from_dict(config)

@@ -1,0 +1,240 @@
+"""The prepared dataset's format: the Parquet row schema, encoding and decoding a row, the
+manifest, and what a config needs of a dataset (bands, tile size, classes, splits).
+
+Layout of a prepared dataset::
+
+    OUT/manifest.json
+    OUT/{train,test,unlabelled}/{source-stem}-{k:05d}.parquet
+
+``pipeline.prepare`` writes it; ``pipeline.data.read`` reads it. Both stand on this module and
+neither imports the other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline import IGNORE_INDEX, storage
+from pipeline.config import Config, ConfigError
+
+SPLITS = ("train", "test", "unlabelled")
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("label_source", pa.string()),
+        pa.field("row_off", pa.int32(), nullable=False),  # window in source pixels
+        pa.field("col_off", pa.int32(), nullable=False),
+        pa.field("src_height", pa.int32(), nullable=False),
+        pa.field("src_width", pa.int32(), nullable=False),
+        pa.field("bands", pa.int16(), nullable=False),  # tile array, C x H x W
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.binary()),  # uint8 H x W, IGNORE_INDEX where unknown; null if none
+        pa.field("class_id", pa.int32()),  # whole-image class for clustering data; else null
+        pa.field("crs", pa.string()),
+        pa.field("transform", pa.list_(pa.float64())),  # 6 affine coefficients of the tile grid
+    ]
+)
+
+
+class PrepareError(Exception):
+    """A problem with a dataset's files (an input, the output, the manifest), phrased for the
+    user (one line)."""
+
+
+@dataclass
+class Tile:
+    """One tile as a row is made of it (arrays in C x H x W / H x W layout)."""
+
+    tile_id: str
+    source: str
+    row_off: int
+    col_off: int
+    src_height: int
+    src_width: int
+    image: np.ndarray
+    label: np.ndarray | None = None
+    label_source: str | None = None
+    class_id: int | None = None
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+
+    def row(self, split: str) -> dict:
+        """The tile as a row of ``SCHEMA``."""
+        bands, height, width = self.image.shape
+        return {
+            "tile_id": self.tile_id,
+            "split": split,
+            "source": self.source,
+            "label_source": self.label_source,
+            "row_off": self.row_off,
+            "col_off": self.col_off,
+            "src_height": self.src_height,
+            "src_width": self.src_width,
+            "bands": bands,
+            "height": height,
+            "width": width,
+            "dtype": str(self.image.dtype),
+            "image": np.ascontiguousarray(self.image).tobytes(),
+            "label": None if self.label is None else np.ascontiguousarray(self.label).tobytes(),
+            "class_id": self.class_id,
+            "crs": self.crs,
+            "transform": None if self.transform is None else list(self.transform),
+        }
+
+
+# ------------------------------------------------------------------------------- decoding
+def decode_raw(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (a batch from Ray Data or pyarrow: column name -> values) -> images (n, B, H, W)
+    in the shard's own dtype (uint8 for Potsdam) and labels (n, H, W) uint8, IGNORE_INDEX where
+    unknown; a whole-image ``class_id`` labels every pixel of its image.
+
+    Raises:
+        ValueError: on an empty batch.
+    """
+    n = len(batch["image"])
+    if n == 0:
+        raise ValueError("empty batch")
+    shape = (int(batch["bands"][0]), int(batch["height"][0]), int(batch["width"][0]))
+    dtype = np.dtype(str(batch["dtype"][0]))
+    raw = np.frombuffer(b"".join(batch["image"]), dtype=dtype).reshape(n, *shape)
+    labels = np.full((n, shape[1], shape[2]), IGNORE_INDEX, dtype=np.uint8)
+    for i, lab in enumerate(batch.get("label", [None] * n)):
+        if lab is not None:
+            labels[i] = np.frombuffer(lab, dtype=np.uint8).reshape(shape[1], shape[2])
+    for i, cls in enumerate(batch.get("class_id", [None] * n)):
+        if cls is not None and not (isinstance(cls, float) and np.isnan(cls)):
+            labels[i] = int(cls)  # whole-image class: every pixel carries it
+    return raw, labels
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """As ``decode_raw``, with the images as float32 in [0, 1] (``to_unit``)."""
+    raw, labels = decode_raw(batch)
+    return to_unit(raw), labels
+
+
+def to_unit(raw: np.ndarray) -> np.ndarray:
+    """Integer images -> float32 in [0, 1] (divided by the dtype's maximum); floats as they are."""
+    scale = 1.0 / np.iinfo(raw.dtype).max if raw.dtype.kind in "ui" else 1.0
+    images = raw.astype(np.float32)
+    images *= np.float32(scale)  # in place: one fresh array per batch, not two
+    return images
+
+
+def from_wire(t: torch.Tensor) -> torch.Tensor:
+    """A view as the pair stage sent it (the shard's integers, or float16) -> float32, scaled as
+    ``to_unit`` scales: integers divided by their dtype's maximum, floats as they are."""
+    if t.is_floating_point():
+        return t.float()
+    return t.float().mul_(1 / torch.iinfo(t.dtype).max)
+
+
+# ------------------------------------------------------------------------------- manifest
+def read_manifest(shards: str | Path) -> dict:
+    """``shards/manifest.json`` (a local folder or a storage URI).
+
+    Raises:
+        PrepareError: when it is missing, unreadable or not valid JSON.
+    """
+    path = storage.join(shards, MANIFEST)
+    try:
+        return json.loads(storage.read_text(path))
+    except FileNotFoundError as err:
+        raise PrepareError(f"{path}: no manifest; run `iid prepare` first") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PrepareError(
+            f"{path}: manifest is not valid JSON ({getattr(err, 'msg', err)})"
+        ) from err
+    except storage.StorageError as err:
+        raise PrepareError(str(err)) from err
+
+
+def label_lut(manifest: dict, merge: str) -> tuple[np.ndarray, list[str]]:
+    """256-entry lookup from stored label ids to evaluated classes, and the class names.
+
+    Raises:
+        ConfigError: ``merge`` is not recorded in the manifest.
+    """
+    lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
+    classes = manifest["classes"]
+    if merge:
+        merges = manifest.get("merges", {})
+        if merge not in merges:
+            raise ConfigError(
+                f"data.merge: {merge!r} is not in the manifest (known: {sorted(merges)})"
+            )
+        lut[: len(merges[merge]["map"])] = merges[merge]["map"]
+        return lut, merges[merge]["classes"]
+    lut[: len(classes)] = np.arange(len(classes))
+    return lut, list(classes)
+
+
+def check_data(cfg: Config, manifest: dict, require_eval: bool = True) -> None:
+    """The config fits the dataset: band count, T against the tiles a loss sees (the crop in
+    training, whole tiles in evaluation), and an evaluation split with tiles.
+
+    Raises:
+        ConfigError: one line naming the config key and the shards.
+    """
+    bands = manifest.get("bands")
+    if bands is not None and bands != cfg.model.in_channels:
+        raise ConfigError(
+            f"model.in_channels: {cfg.model.in_channels} bands configured but the "
+            f"shards in {cfg.data.shards} have {bands}"
+        )
+    tiles = [s for s in (cfg.pairs.crop, manifest.get("tiling", {}).get("tile")) if s]
+    tile = min(tiles, default=None)
+    if cfg.model.task == "segmentation" and tile and cfg.loss.half_window >= tile:
+        raise ConfigError(
+            f"loss.half_window: {cfg.loss.half_window} does not fit "
+            f"{tile}-pixel tiles (must be < {tile})"
+        )
+    if require_eval and manifest["splits"].get(cfg.data.eval_split, {}).get("tiles", 0) == 0:
+        raise ConfigError(
+            f"data.eval_split: no tiles in split {cfg.data.eval_split!r} of {cfg.data.shards}"
+        )
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What the driver derives from the shards before any worker starts."""
+
+    lut: np.ndarray  # stored label id -> evaluated class
+    classes: list[str]
+    train_dirs: list[str]
+
+
+def training_inputs(cfg: Config) -> TrainInputs:
+    """Check the shards against the config and find the training splits.
+
+    Raises:
+        PrepareError: no readable manifest.
+        ConfigError: one line naming the config key and the shards.
+    """
+    shards = cfg.data.shards
+    manifest = read_manifest(shards)
+    check_data(cfg, manifest)
+    lut, classes = label_lut(manifest, cfg.data.merge)
+    train_dirs = [
+        storage.absolute(storage.join(shards, s))
+        for s in cfg.data.train_splits
+        if manifest["splits"].get(s, {}).get("tiles", 0)
+    ]
+    if not train_dirs:
+        raise ConfigError(
+            f"data.train_splits: no tiles in {list(cfg.data.train_splits)} of {shards}"
+        )
+    return TrainInputs(lut, classes, train_dirs)

@@ -1,0 +1,47 @@
+"""Data-parallel helpers of the training workers: sums over the workers, and where they run.
+
+Each is a no-op in a single process, so the training loop and its tests run without a process
+group; under Ray Train's DDP (gloo on CPU, NCCL on GPU) they sum over the workers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_sum(joint: torch.Tensor) -> torch.Tensor:
+    """Sum of ``joint`` over the data-parallel workers, differentiable (a ``losses.JointSum``).
+
+    Every worker then computes the same loss from the same global P. The backward pass sums
+    dL/dP over the workers (W times the common value) and DDP divides the parameter gradients
+    by W again, so the result is the gradient of the global-batch loss.
+    """
+    if not _distributed() or dist.get_world_size() == 1:
+        return joint
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(joint)
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the workers, in place (no gradient); ``t`` itself in one process."""
+    if _distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def worker_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every worker, by rank (where the run actually ran)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not _distributed():
+        return [node]
+    nodes: list = [None] * world_size
+    dist.all_gather_object(nodes, node)
+    return nodes

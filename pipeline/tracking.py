@@ -1,0 +1,243 @@
+"""Every MLflow call of the project: the tracking URI, a run's record, the per-epoch metrics of
+rank 0, the final report with the registered model, and the parent and child runs of a search.
+
+A run's record: params (the flat config) when it is created, metrics per epoch from the worker
+of rank 0, then once, after training, the plots as artifacts, the final ``eval_*`` metrics and
+the model (``mlflow.pytorch``), registered under the run name. MLflow is imported inside the
+functions, so the modules below the driver load it only when they track something.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, ConfigError
+
+REPORT_TAG = "iid.report"  # set once the final report is logged: a resumed run skips it
+RUN_ID_FILE = "mlflow_run_id"  # in the run folder: a resumed run logs to the same record
+
+
+def resolve_uri(explicit: str = "") -> str:
+    """The tracking URI: ``explicit``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the
+    working directory (``sqlite:///<cwd>/mlflow.db``)."""
+    return (
+        explicit
+        or os.environ.get("MLFLOW_TRACKING_URI", "")
+        or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    )
+
+
+def use(uri: str) -> None:
+    """Make ``uri`` the store that ``models:/`` and ``runs:/`` URIs resolve against."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail before training when the tracking store cannot be reached.
+
+    Raises:
+        ConfigError: one line naming ``run.tracking_uri``.
+    """
+    import mlflow
+
+    # One quick attempt: MLflow's default HTTP retries would stall for minutes before failing.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means "unreachable"
+        raise ConfigError(
+            f"run.tracking_uri: cannot reach MLflow at {uri} ({str(err).splitlines()[0][:200]})"
+        ) from err
+
+
+def _create_run(
+    uri: str, experiment: str, name: str, tags: Mapping[str, str], params: Mapping[str, object]
+) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
+    client.log_batch(
+        run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()]
+    )
+    return run.info.run_id
+
+
+def run_for(
+    uri: str, cfg: Config, run_dir: str | Path, tags: Mapping[str, str] | None = None
+) -> str:
+    """The MLflow run of ``run_dir``: created once (params = the flat config), then reused.
+
+    The id is kept in ``run_dir/mlflow_run_id``, so resuming a run logs to the same record.
+    """
+    import mlflow
+
+    marker = storage.join(run_dir, RUN_ID_FILE)
+    mlflow.set_tracking_uri(uri)
+    if storage.is_file(marker):
+        return storage.read_text(marker).strip()
+    run_id = _create_run(uri, cfg.run.experiment, cfg.run.name, tags or {}, cfg.flat())
+    storage.write_text_atomic(marker, run_id)
+    return run_id
+
+
+class EpochLogger:
+    """Plain MLflow calls on world rank 0 (the reliable pattern in Ray Train V2)."""
+
+    def __init__(self, uri: str, run_id: str):
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        self.client, self.run_id = mlflow.MlflowClient(uri), run_id
+
+    def log(self, metrics: Mapping[str, float], epoch: int) -> None:
+        for key, value in metrics.items():
+            if key != "epoch":
+                self.client.log_metric(self.run_id, key, float(value), step=epoch)
+
+
+def mark_finished(uri: str, run_id: str) -> None:
+    """Tag the run ``status: finished`` (its training reached the last epoch)."""
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_tag(run_id, "status", "finished")
+
+
+def report_logged(uri: str, run_id: str) -> bool:
+    """Whether ``log_report`` has completed for the run."""
+    import mlflow
+
+    return mlflow.MlflowClient(uri).get_run(run_id).data.tags.get(REPORT_TAG) == "done"
+
+
+def model_requirements() -> list[str]:
+    """What loading the pickled model needs. Listed here: left to MLflow, it loads the model in
+    a subprocess to find its imports, ~11 s per run on 2 cores."""
+    from importlib.metadata import version
+
+    # Without the local label (+cu130): `torch==2.14.1` accepts every build of that version.
+    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "torchvision", "iid-pipeline")]
+
+
+def log_report(
+    uri: str,
+    run_id: str,
+    cfg: Config,
+    model: torch.nn.Module,
+    metrics: Mapping[str, float],
+    plots: Iterable[Path],
+) -> str:
+    """Log the plots, the final metrics and the model, registered under the run name, to an
+    existing run, then tag the report done. Returns the registered model's URI."""
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow.set_tracking_uri(uri)
+    # The config travels inside the pickled model, so `iid evaluate models:/...` can rebuild
+    # the label mapping and pairs without the run's params.
+    model = model.cpu().eval()
+    model.iid_config = cfg.to_dict()
+    with mlflow.start_run(run_id=run_id):
+        for p in plots:
+            mlflow.log_artifact(str(p), artifact_path="plots")
+        mlflow.log_metrics(dict(metrics))
+        # Pickle, not MLflow's default pt2 export: the model keeps its two-head forward(x, head)
+        # and the config attribute (an exported graph would keep neither).
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            registered_model_name=cfg.run.name,
+            serialization_format="pickle",
+            pip_requirements=model_requirements(),
+        )
+        mlflow.set_tag(REPORT_TAG, "done")
+    version = getattr(info, "registered_model_version", None)
+    return f"models:/{cfg.run.name}/{version}" if version else info.model_uri
+
+
+def load_logged_model(uri: str) -> tuple[torch.nn.Module, dict]:
+    """A model logged by ``log_report`` (``models:/name/3``, ``runs:/<id>/model``) and its
+    training config as a dict.
+
+    Raises:
+        ConfigError: the URI cannot be loaded, or the model was not logged by this pipeline.
+    """
+    import mlflow.pytorch
+
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad URI
+        raise ConfigError(f"--model: cannot load {uri} ({str(err).splitlines()[0][:200]})") from err
+    if not hasattr(model, "iid_config"):
+        raise ConfigError(f"--model: {uri} was not logged by this pipeline (no iid_config)")
+    return model, model.iid_config
+
+
+# ------------------------------------------------------------------------------ searches
+def create_search_run(uri: str, experiment: str, name: str, params: Mapping[str, object]) -> str:
+    """A search's parent run (tag ``iid.kind: search``); returns its id."""
+    return _create_run(uri, experiment, name, {"iid.kind": "search"}, params)
+
+
+def trial_runs(uri: str, parent_run_id: str) -> dict[str, str]:
+    """trial id -> MLflow run id of a search's child runs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        max_results=10_000,
+    )
+    return {
+        r.data.tags["iid.trial_id"]: r.info.run_id for r in runs if "iid.trial_id" in r.data.tags
+    }
+
+
+def close_trial_run(uri: str, run_id: str, epochs: int, status: str) -> None:
+    """Tag a trial's child run with what the search counted of it, and end it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    # The trial's rank 0 logs every epoch it trains. A trial that ASHA stops may finish (and
+    # log) one more epoch while the stop is on its way, which the search does not count: the
+    # tag says which epochs the search ranked the trial on.
+    client.set_tag(run_id, "iid.epochs_counted", str(epochs))
+    client.set_tag(run_id, "iid.stopped_early", str(status == "stopped early").lower())
+    client.set_tag(run_id, "iid.status", status)
+    client.set_terminated(run_id, "FAILED" if status.startswith("error") else "FINISHED")
+
+
+def finish_search_run(
+    uri: str,
+    run_id: str,
+    texts: Mapping[str, str],
+    plots: Iterable[Path],
+    metrics: Mapping[str, float],
+    tags: Mapping[str, str],
+) -> None:
+    """Log a search's outcome to its parent run (text artifacts by name, plots, summary
+    metrics, tags) and end the run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    for name, text in texts.items():
+        client.log_text(run_id, text, name)
+    for p in plots:
+        client.log_artifact(run_id, str(p), artifact_path="plots")
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, float(v))
+    client.set_terminated(run_id, "FINISHED")

@@ -1,0 +1,1 @@
+"""Hyperparameter search: the space (``space``, Ray-free) and the Ray Tune search (``search``)."""
