@@ -179,8 +179,20 @@ class RunConfig:
     seed: int = 0
 
 
+class Record:
+    """A dataclass that crosses process and file boundaries as plain values: ``to_dict`` gives
+    them, ``from_dict`` rebuilds the object with every field checked (``build``)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return build(cls, d)
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(Record):
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -202,13 +214,6 @@ class Config:
                 f"frame, so x must stay untouched)"
             )
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Config:
-        return build(cls, d)
-
     def flat(self) -> dict[str, Any]:
         """``{"loss.lamb_b": 1.5, ...}``: MLflow params."""
         return {
@@ -219,7 +224,7 @@ class Config:
 
 
 @dataclass(frozen=True)
-class Job:
+class Job(Record):
     """One training run as its workers receive it: the config and what the driver derived.
 
     Attributes:
@@ -237,14 +242,6 @@ class Job:
     tracking_uri: str
     run_id: str
     eval_pairs: PairConfig
-
-    def to_dict(self) -> dict:
-        """Plain values (what crosses to Ray workers)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Job:
-        return build(cls, d)
 
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:

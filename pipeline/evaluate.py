@@ -121,7 +121,7 @@ def choose_subhead(mi: torch.Tensor | np.ndarray) -> int:
 
     Not the lambda_B loss it was trained with: I_lambda = I_1 + (lambda - 1)(H(z) + H(z')), so
     with lambda_B > 1 a sub-head whose clusters are balanced but agree less across the views
-    scores a lower loss (the README's quality section has the measured case).
+    scores a lower loss (the README's Training section has a measured case).
 
     Args:
         mi: (sub-heads,) mutual information per sub-head.

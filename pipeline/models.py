@@ -135,7 +135,8 @@ class _TwoHeads(nn.Module):
 
 
 class SegmentationNet(_TwoHeads):
-    """Fully convolutional VGG-style network with per-pixel softmax heads (REFERENCE.md).
+    """Fully convolutional VGG-style network with per-pixel softmax heads, as the reference
+    implementation builds it for Potsdam and COCO-Stuff.
 
     3x3 conv + BN + ReLU with channels 64, 128, maxpool, 256, 256, 512 (dilation 2),
     512 (dilation 2); 1x1 conv heads at half resolution, softmax, bilinear upsampling to the

@@ -18,12 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import CHECKPOINT_FILE
+from pipeline.checkpoint import CHECKPOINT_FILE, load_model
+from pipeline.checkpoint import load as load_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data.format import PrepareError
+from pipeline.data.read import iter_tiles, shard_batches
 from pipeline.data.read import rows as dataset_rows
-from pipeline.data.read import shard_batches
 from pipeline.evaluate import evaluate_uri
+from pipeline.losses import iid_segmentation_loss
 from pipeline.models import build_model
 from pipeline.train import NonFiniteLossError, _worker_error, fit, train_epoch_head
 from tests.conftest import small_synthetic
@@ -184,6 +186,9 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     from_registry, _, _ = evaluate_uri("models:/t/1", shards)
     assert classes == ["roads_and_cars", "buildings_and_clutter", "vegetation"]
     assert (from_ckpt.counts == from_registry.counts).all() and from_ckpt.counts.sum() > 0
+    # One scoring loop: the last epoch's counts, summed over the 2 workers' shares of the
+    # evaluation split, are what `iid evaluate` counts on the same checkpoint and split.
+    assert np.array_equal(state["counts"].numpy(), from_ckpt.counts)
     assert from_ckpt.summary()["eval_acc"] == pytest.approx(
         client.get_run(run.info.run_id).data.metrics["eval_acc"]
     )
@@ -194,6 +199,43 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == steps
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert len(client.search_model_versions("name='t'")) == 1
+
+
+@pytest.mark.slow
+def test_training_and_iid_evaluate_report_the_same_collapsed_held_out_loss(
+    shards, tmp_path, ray_cluster
+):
+    """The held-out loss of every epoch and `iid evaluate`'s come from one loop, which honours
+    loss.collapsed. One worker and pairs without randomness (no flip, strength 0), so that both
+    see the same batches of the same pairs."""
+    d = config(shards, tmp_path).to_dict()
+    d["loss"]["collapsed"] = True
+    d["optim"]["epochs"] = 1
+    d["pairs"] |= {"strength": 0.0, "flip": False}
+    d["scaling"]["num_workers"] = 1
+    cfg = Config.from_dict(d)
+    fit(cfg)
+    history = load_checkpoint(tmp_path / "runs" / "t")["history"]
+    logged = [history[-1][f"heldout_loss_sub{i}"] for i in range(cfg.model.n_subheads)]
+    ev, _, _ = evaluate_uri(str(tmp_path / "runs" / "t"), shards, ["test"])
+    np.testing.assert_allclose(logged, ev.losses, rtol=1e-5)
+    assert history[-1]["heldout_loss"] == pytest.approx(ev.losses[ev.best], rel=1e-5)
+
+    # ... and it is the collapsed loss: with g the identity both views are the tile itself.
+    model, _ = load_model(str(tmp_path / "runs" / "t"))
+    losses = {True: [], False: []}
+    with torch.no_grad():
+        for images, _ in iter_tiles(shards, ["test"], cfg.data.batch_size):
+            for collapsed in losses:
+                losses[collapsed].append(
+                    [
+                        iid_segmentation_loss(p, p, None, 1.5, 3, collapsed=collapsed).loss
+                        for p in model(torch.from_numpy(images), "B")
+                    ]
+                )
+    collapsed, uncollapsed = (np.mean(losses[c], axis=0) for c in (True, False))
+    np.testing.assert_allclose(ev.losses, collapsed, rtol=1e-5)
+    assert np.abs(collapsed - uncollapsed).min() > 1e-3
 
 
 def test_training_passes_shuffle_rows_differently_each_time_and_eval_keeps_the_order(

@@ -23,9 +23,9 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the OS.
 
     A batch of pairs allocates ~100 MB of fresh tensors. By default glibc serves blocks that big
-    with mmap and unmaps them on free, so every batch page-faults them in again: ~40% of
-    ``make_pairs``' time on CPU (1.5 against 2.4 ms per 200x200 RGBIR pair, measured). Called
-    once per pair-stage actor; the process then keeps its peak heap.
+    with mmap and unmaps them on free, so every batch page-faults them in again, a large share
+    of ``make_pairs``' time on CPU. Called once per pair-stage actor; the process then keeps its
+    peak heap.
 
     Returns:
         True where the setting took (glibc), False elsewhere (nothing changes).

@@ -19,6 +19,7 @@ from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.shards import ShardWriter
 
 CHUNK = 4096
+DIGIT_CLASSES = {"task": "clustering", "bands": 1, "classes": [str(c) for c in range(10)]}
 
 
 def _rows(
@@ -69,13 +70,7 @@ def prepare_digits(out: Path, opts: TilingOptions) -> dict:
         ("digits-train", "train", _rows(images[~test], d.target[~test], "digits")),
         ("digits-test", "test", _rows(images[test], d.target[test], "digits")),
     ]
-    meta = {
-        "dataset": "digits",
-        "task": "clustering",
-        "bands": 1,
-        "classes": [str(c) for c in range(10)],
-    }
-    return _write(out, parts, meta, 10, opts)
+    return _write(out, parts, {"dataset": "digits"} | DIGIT_CLASSES, 10, opts)
 
 
 def _hash_split(n: int, name: str, opts: TilingOptions) -> np.ndarray:
@@ -138,13 +133,7 @@ def prepare_mnist(src: Path, out: Path, opts: TilingOptions) -> dict:
         if len(images) != len(labels):
             raise PrepareError(f"{src}: {prefix} has {len(images)} images but {len(labels)} labels")
         parts.append((f"mnist-{prefix}", split, _rows(images[:, None], labels, f"mnist-{prefix}")))
-    meta = {
-        "dataset": "mnist",
-        "task": "clustering",
-        "bands": 1,
-        "classes": [str(c) for c in range(10)],
-    }
-    return _write(out, parts, meta, 10, opts)
+    return _write(out, parts, {"dataset": "mnist"} | DIGIT_CLASSES, 10, opts)
 
 
 # ------------------------------------------------------------------------------------- STL-10

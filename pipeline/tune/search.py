@@ -33,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from pipeline import checkpoint, storage, tracking
-from pipeline.config import Config, ConfigError, PairConfig
+from pipeline.config import Config, ConfigError, PairConfig, Record
 from pipeline.data.format import read_manifest, training_inputs
 from pipeline.plots import plot_trials
 from pipeline.train import launch, make_job, start_ray
@@ -114,7 +114,7 @@ class SearchOutcome:
 
 
 @dataclass(frozen=True)
-class SearchRecord:
+class SearchRecord(Record):
     """Everything needed to rebuild a search: its ``search.json``.
 
     Attributes:
@@ -135,13 +135,6 @@ class SearchRecord:
     tracking_uri: str
     folder: str
     parent_run_id: str
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SearchRecord:
-        return cls(**(d | {"options": SearchOptions(**d["options"])}))
 
     @property
     def eval_pairs(self) -> PairConfig:
