@@ -93,7 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     job = Job.from_dict(loop_config)
     cfg = job.config
     ctx, device = ray.train.get_context(), ray.train.torch.get_device()
-    rank = ctx.get_world_rank()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.run.seed + rank)
     # As many intra-op threads as CPUs reserved: more would fight the other workers for cores.
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -109,10 +109,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
-    # [3] this worker's shares of the datasets
+    # [3] this worker's share of the training rows, and the evaluation split
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval")
-    lut, nodes = torch.tensor(job.lut, device=device), worker_nodes(ctx.get_world_size())
+    lut, nodes = torch.tensor(job.lut, device=device), worker_nodes(world)
     logger = tracking.EpochLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     ready = cfg.data.pairs_on == "actors"  # finished pairs from the actor pool
     gen = torch.Generator(device=device)
@@ -129,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             )
             clock.append(time.perf_counter())
         # --- score every head-B sub-head on the evaluation split, sums over workers --------
-        batches = shard_batches(eval_shard, cfg, device, rng, crop=0)
+        batches = shard_batches(eval_shard, cfg, device, rng, crop=0, part=(rank, world))
         tally = score(model, batches, cfg, lut, len(job.classes), job.eval_pairs).summed(all_reduce)
         clock.append(time.perf_counter())
         metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu(), Evaluation.of(tally))
@@ -264,7 +264,9 @@ def launch(job: Job, train_dirs: list[str], callbacks: Sequence = ()) -> Result:
             callbacks=list(callbacks),
         ),
         datasets={"train": train_ds, "eval": rows(eval_dir, cfg.data.materialize)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train", "eval"]),
+        # Every worker sees the whole evaluation split and scores its share of the batches
+        # (shard_batches' ``part``): a split would drop rows to give the workers equal shares.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     try:
         return trainer.fit()

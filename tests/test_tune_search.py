@@ -28,6 +28,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data.format import PrepareError
 from pipeline.tune.search import (
     SearchOptions,
+    SearchRecord,
     TrialRow,
     rank_correlation,
     resume_search,
@@ -113,11 +114,15 @@ def test_rank_correlation_and_best_config_round_trip(shards, tmp_path):
     ]
     assert rank_correlation(rows, "mi", "acc") == pytest.approx(0.8)
     assert math.isnan(rank_correlation(rows[:2], "mi", "acc"))  # too few trials to rank
-    record = {
-        "base": base_config(shards),
-        "space": {"params": {"loss.lamb_b": {"uniform": [1.0, 2.0]}}},
-        "options": {"name": "s", "metric": "mi"},
-    }
+    record = SearchRecord(
+        options=SearchOptions(name="s", metric="mi"),
+        base=base_config(shards),
+        resolved={},
+        space={"params": {"loss.lamb_b": {"uniform": [1.0, 2.0]}}},
+        tracking_uri="",
+        folder=str(tmp_path),
+        parent_run_id="",
+    )
     path = write_best_config(record, rows[3], tmp_path / "best.yaml")
     cfg = load_config(path)  # what `iid train --config` reads
     assert cfg.loss.lamb_b == pytest.approx(1.3)

@@ -7,6 +7,7 @@ within each worker's share (``shard_batches``); evaluation rows keep their store
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +130,7 @@ def shard_batches(
     crop: int,
     pairs_ready: bool = False,
     shuffle: bool = False,
+    part: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of this worker's shard on ``device``.
 
@@ -136,8 +138,10 @@ def shard_batches(
     Otherwise the shard holds raw shard rows (usually materialised in the object store: read
     once, not re-read and re-decoded every pass), decoded and randomly cropped here; the pairs
     are then drawn on the device by the caller. ``shuffle`` mixes rows in a buffer of
-    ``data.shuffle_buffer`` rows, seeded from ``rng``.
+    ``data.shuffle_buffer`` rows, seeded from ``rng``. ``part`` ``(i, n)`` keeps every n-th
+    raw batch from the i-th (a worker's share of a dataset that every worker reads whole).
     """
+    i, n = part
     order = {}
     if shuffle and cfg.data.shuffle_buffer > 0:
         order = {
@@ -151,7 +155,8 @@ def shard_batches(
             # compact views from the actors (see from_wire): cast on the device
             yield batch | {"x": from_wire(batch["x"]), "gx": from_wire(batch["gx"])}
         return
-    for raw in shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy", **order):
+    raws = shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy", **order)
+    for raw in itertools.islice(raws, i, None, n):
         images, labels = decode_batch(raw)
         images, labels = random_crops(images, labels, crop, rng)
         yield {
