@@ -16,6 +16,7 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config, ConfigError, Job
+from pipeline.dist import unwrapped
 from pipeline.models import build_model
 from pipeline.tracking import load_logged_model
 
@@ -33,10 +34,9 @@ def save(
 ) -> None:
     """Write the checkpoint of the end of the epoch ``history[-1]`` describes into ``folder``
     (of a DDP model, its own module's weights)."""
-    raw = model.module if hasattr(model, "module") else model
     torch.save(
         {
-            "model": raw.state_dict(),
+            "model": unwrapped(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": history[-1]["epoch"],
             "history": history,

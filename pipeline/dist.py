@@ -35,6 +35,24 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DDP wrapper (the model itself in one process)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def outside_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The network, to run without DDP, with rank 0's buffers on every worker.
+
+    DDP's forward broadcasts rank 0's buffers (batch norm statistics; each worker updated its
+    own in its last step): a collective, which a worker with fewer batches to score would not
+    join. Broadcast once here instead, so every worker scores with the checkpoint's buffers.
+    """
+    if _distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return unwrapped(model)
+
+
 def worker_nodes(world_size: int) -> list[str]:
     """The Ray node id of every worker, by rank (where the run actually ran)."""
     import ray

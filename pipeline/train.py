@@ -28,7 +28,7 @@ from pipeline.config import Config, Job, PairConfig
 from pipeline.data.format import TrainInputs, training_inputs
 from pipeline.data.pairs import pair_dataset
 from pipeline.data.read import rows, shard_batches
-from pipeline.dist import all_reduce, global_sum, worker_nodes
+from pipeline.dist import all_reduce, global_sum, outside_ddp, worker_nodes
 from pipeline.evaluate import Evaluation, evaluate_model, score
 from pipeline.models import build_model
 from pipeline.objective import pair_losses
@@ -130,7 +130,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             clock.append(time.perf_counter())
         # --- score every head-B sub-head on the evaluation split, sums over workers --------
         batches = shard_batches(eval_shard, cfg, device, rng, crop=0, part=(rank, world))
-        tally = score(model, batches, cfg, lut, len(job.classes), job.eval_pairs).summed(all_reduce)
+        net, n_classes = outside_ddp(model), len(job.classes)
+        tally = score(net, batches, cfg, lut, n_classes, job.eval_pairs).summed(all_reduce)
         clock.append(time.perf_counter())
         metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu(), Evaluation.of(tally))
         metrics |= {"start_epoch": start_epoch, "n_nodes": len(set(nodes))} | _seconds(clock)
