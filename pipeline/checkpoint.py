@@ -1,6 +1,10 @@
 """The checkpoint: one flat dict in one file per Ray Train checkpoint folder, written and read
 only here.
 
+Checkpoints are data, never code: they hold tensors, numbers, strings, lists, tuples and dicts
+only, and are read with ``torch.load(weights_only=True)``, which refuses anything else (a
+checkpoint on shared storage could otherwise run code on every node that resumes or evaluates).
+
 Keys: ``model`` and ``optimizer`` (state dicts), ``epoch`` (the last one trained, from 0),
 ``history`` (one metrics dict per epoch), ``config`` (``Config.to_dict()``), ``classes``,
 ``torch_rng`` (the CPU generator's state), ``counts`` (the last epoch's (sub-heads, K, M)
@@ -9,6 +13,7 @@ confusion counts) and ``nodes`` (the Ray node id of each worker, by rank).
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -18,7 +23,7 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError, Job
 from pipeline.dist import unwrapped
 from pipeline.models import build_model
-from pipeline.tracking import load_logged_model
+from pipeline.tracking import CONFIG_FILE, WEIGHTS_FILE, download_model
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -83,8 +88,15 @@ def load(path: str | Path) -> dict:
     path = newest(path)
     try:
         with storage.open_input(path) as f:
-            return torch.load(f, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only's refusal is a paragraph; the line naming the global says why.
+        why = [ln for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln]
+        reason = why[0].strip() if why else str(err).splitlines()[0]
+        raise ConfigError(
+            f"--model: {path} is not a plain checkpoint, refused unread ({reason[:200]})"
+        ) from err
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
         raise ConfigError(f"--model: {path} is not a readable checkpoint ({err})") from err
 
 
@@ -119,5 +131,17 @@ def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
         return model.eval(), cfg
     if ":/" not in uri:
         raise ConfigError(f"--model: {uri!r} is neither a checkpoint path nor an MLflow model URI")
-    model, config = load_logged_model(uri)
-    return model.eval(), Config.from_dict(config)
+    folder = download_model(uri)
+    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+    if not (weights.is_file() and config.is_file()):
+        raise ConfigError(
+            f"--model: {uri} was not logged by this pipeline (no {WEIGHTS_FILE} and "
+            f"{CONFIG_FILE}; models logged as pickles are not loaded)"
+        )
+    try:
+        cfg = Config.from_dict(json.loads(config.read_text()))
+    except (json.JSONDecodeError, ConfigError) as err:
+        raise ConfigError(f"--model: {config} is not a pipeline config ({err})") from err
+    model = build_model(cfg.model)
+    model.load_state_dict(load(weights))
+    return model.eval(), cfg

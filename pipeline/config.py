@@ -11,6 +11,7 @@ tracking store, typed too.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,6 +170,10 @@ class ScalingConfig:
         _check(self.pair_actors >= 1, "scaling.pair_actors", self.pair_actors, ">= 1")
 
 
+# A run's folder name under run.storage_path: never a path of its own (no "/", no "..").
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "iid"  # stable: re-running the same name resumes
@@ -177,6 +182,16 @@ class RunConfig:
     experiment: str = "iid"
     max_failures: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            bool(RUN_NAME.fullmatch(self.name)),
+            "run.name",
+            self.name,
+            "letters, digits, '-', '_' and '.', not starting with '.'",
+        )
+        _check(self.max_failures >= 0, "run.max_failures", self.max_failures, ">= 0")
+        _check(self.seed >= 0, "run.seed", self.seed, ">= 0")
 
 
 class Record:

@@ -3,13 +3,20 @@ rank 0, the final report with the registered model, and the parent and child run
 
 A run's record: params (the flat config) when it is created, metrics per epoch from the worker
 of rank 0, then once, after training, the plots as artifacts, the final ``eval_*`` metrics and
-the model (``mlflow.pytorch``), registered under the run name. MLflow is imported inside the
-functions, so the modules below the driver load it only when they track something.
+the model, registered under the run name. MLflow is imported inside the functions, so the
+modules below the driver load it only when they track something.
+
+The model is logged as data, not code: ``model/weights.pt`` (a state dict) and
+``model/config.json`` (the training config), loaded by ``checkpoint.load_model`` with
+``weights_only=True``. A pickled model would run whatever the registry holds on every machine
+that evaluates it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -19,6 +26,8 @@ from pipeline import storage
 from pipeline.config import Config, ConfigError
 
 REPORT_TAG = "iid.report"  # set once the final report is logged: a resumed run skips it
+MODEL_DIR = "model"  # the run's artifact folder of the model
+WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
 RUN_ID_FILE = "mlflow_run_id"  # in the run folder: a resumed run logs to the same record
 
 
@@ -120,15 +129,6 @@ def report_logged(uri: str, run_id: str) -> bool:
     return mlflow.MlflowClient(uri).get_run(run_id).data.tags.get(REPORT_TAG) == "done"
 
 
-def model_requirements() -> list[str]:
-    """What loading the pickled model needs. Listed here: left to MLflow, it loads the model in
-    a subprocess to find its imports, ~11 s per run on 2 cores."""
-    from importlib.metadata import version
-
-    # Without the local label (+cu130): `torch==2.14.1` accepts every build of that version.
-    return [f"{p}=={version(p).split('+')[0]}" for p in ("torch", "torchvision", "iid-pipeline")]
-
-
 def log_report(
     uri: str,
     run_id: str,
@@ -137,50 +137,42 @@ def log_report(
     metrics: Mapping[str, float],
     plots: Iterable[Path],
 ) -> str:
-    """Log the plots, the final metrics and the model, registered under the run name, to an
-    existing run, then tag the report done. Returns the registered model's URI."""
+    """Log the plots, the final metrics and the model (weights and config), registered under
+    the run name, to an existing run, then tag the report done. Returns the registered model's
+    URI (``models:/NAME/VERSION``)."""
     import mlflow
-    import mlflow.pytorch
 
     mlflow.set_tracking_uri(uri)
-    # The config travels inside the pickled model, so `iid evaluate models:/...` can rebuild
-    # the label mapping and pairs without the run's params.
-    model = model.cpu().eval()
-    model.iid_config = cfg.to_dict()
-    with mlflow.start_run(run_id=run_id):
+    client = mlflow.MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         for p in plots:
             mlflow.log_artifact(str(p), artifact_path="plots")
         mlflow.log_metrics(dict(metrics))
-        # Pickle, not MLflow's default pt2 export: the model keeps its two-head forward(x, head)
-        # and the config attribute (an exported graph would keep neither).
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            registered_model_name=cfg.run.name,
-            serialization_format="pickle",
-            pip_requirements=model_requirements(),
+        torch.save(model.cpu().state_dict(), Path(tmp) / WEIGHTS_FILE)
+        (Path(tmp) / CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
+        mlflow.log_artifacts(tmp, artifact_path=MODEL_DIR)
+        if not client.search_registered_models(filter_string=f"name = '{cfg.run.name}'"):
+            client.create_registered_model(cfg.run.name)
+        version = client.create_model_version(
+            cfg.run.name, mlflow.get_artifact_uri(MODEL_DIR), run_id=run_id
         )
         mlflow.set_tag(REPORT_TAG, "done")
-    version = getattr(info, "registered_model_version", None)
-    return f"models:/{cfg.run.name}/{version}" if version else info.model_uri
+    return f"models:/{cfg.run.name}/{version.version}"
 
 
-def load_logged_model(uri: str) -> tuple[torch.nn.Module, dict]:
-    """A model logged by ``log_report`` (``models:/name/3``, ``runs:/<id>/model``) and its
-    training config as a dict.
+def download_model(uri: str) -> Path:
+    """The folder of a model logged by ``log_report`` (``models:/name/3``, ``models:/name/latest``,
+    ``runs:/<id>/model``), downloaded; nothing in it is loaded here.
 
     Raises:
-        ConfigError: the URI cannot be loaded, or the model was not logged by this pipeline.
+        ConfigError: the URI names nothing in the store.
     """
-    import mlflow.pytorch
+    import mlflow.artifacts
 
     try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad URI
         raise ConfigError(f"--model: cannot load {uri} ({str(err).splitlines()[0][:200]})") from err
-    if not hasattr(model, "iid_config"):
-        raise ConfigError(f"--model: {uri} was not logged by this pipeline (no iid_config)")
-    return model, model.iid_config
 
 
 # ------------------------------------------------------------------------------ searches

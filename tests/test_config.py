@@ -55,6 +55,10 @@ def write(tmp_path, text):
             r"pairs.augment_first: true needs model.task: clustering, got 'segmentation'",
         ),
         ("data: {shards: x}", ["nonsense"], r"expected section.key=value"),
+        ("data: {shards: x}", ["run.name=../escaped"], r"run.name: expected letters, digits"),
+        ("data: {shards: x}", ["run.name=a/b"], r"run.name: .* got 'a/b'"),
+        ("data: {shards: x}", ["run.name=.hidden"], r"not starting with '.', got '.hidden'"),
+        ("data: {shards: x}", ["run.seed=-1"], r"run.seed: expected >= 0, got -1"),
         ("data: [unclosed", [], r"not valid YAML"),
     ],
 )
