@@ -239,6 +239,22 @@ def test_unwritable_output(tmp_path):
         prepare_potsdam(tmp_path / "src", blocker / "out", OPTS)
 
 
+def test_sources_whose_names_read_alike_keep_every_tile(tmp_path):
+    """x.tif and x.tiff, a/b.tif and a__b.tif once wrote the same shard names: one file's
+    tiles vanished with exit 0."""
+    src = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    names = ("x.tif", "x.tiff", "a/b.tif", "a__b.tif")
+    for name in names:
+        write_tif(src / name, rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), georef=False)
+    manifest = prepare_folder(src, tmp_path / "out", OPTS)
+    assert manifest["splits"]["unlabelled"]["tiles"] == 4 * len(names)
+    assert len({s["path"] for s in manifest["shards"]}) == len(manifest["shards"]) == len(names)
+    rows = read_rows(tmp_path / "out")
+    assert sorted({r["source"] for r in rows}) == sorted(names)
+    assert len(rows) == 4 * len(names)
+
+
 def test_folder_of_own_imagery_with_a_non_image(tmp_path):
     from PIL import Image
 

@@ -141,5 +141,8 @@ def prepare_tiles(
 
 
 def _shard_stem(path: Path, root: Path | None) -> str:
+    """A readable name for a source's shards, unique per source: ``x.tif`` and ``x.tiff``, or
+    ``a/b.tif`` and ``a__b.tif``, read alike but get different hashes of their paths."""
     rel = path.relative_to(root) if root else Path(path.name)
-    return "__".join(rel.with_suffix("").parts)
+    digest = hashlib.blake2b(str(path if root is None else rel).encode(), digest_size=4)
+    return "__".join(rel.with_suffix("").parts) + f"-{digest.hexdigest()}"
