@@ -14,6 +14,7 @@ confusion counts) and ``nodes`` (the Ray node id of each worker, by rank).
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pipeline.dist import unwrapped
 from pipeline.models import build_model
 from pipeline.tracking import CONFIG_FILE, WEIGHTS_FILE, download_model
 
+log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -55,18 +57,23 @@ def save(
     )
 
 
-def newest(path: str | Path) -> str:
-    """The checkpoint file that ``path`` names: the file itself, the file of a checkpoint folder,
-    or the newest ``checkpoint_*`` of a run folder (local, or a storage URI).
+class UnreadableCheckpoint(ConfigError):
+    """A checkpoint file that cannot be read (empty, truncated, not a checkpoint)."""
+
+
+def candidates(path: str | Path) -> list[str]:
+    """The checkpoint files that ``path`` names, newest first: the file itself, the file of a
+    checkpoint folder, or those of every ``checkpoint_*`` of a run folder (local, or a storage
+    URI).
 
     Raises:
         ConfigError: when no checkpoint is found there.
     """
     path = str(path)
     if not storage.is_dir(path):
-        return path
+        return [path]
     if storage.is_file(storage.join(path, CHECKPOINT_FILE)):
-        return storage.join(path, CHECKPOINT_FILE)
+        return [storage.join(path, CHECKPOINT_FILE)]
     # Ray Train numbers checkpoints in order: checkpoint_000009 is the newest.
     found = [
         storage.join(d, CHECKPOINT_FILE)
@@ -75,29 +82,48 @@ def newest(path: str | Path) -> str:
     ]
     if not found:
         raise ConfigError(f"--model: no {CHECKPOINT_FILE} in {path} or its checkpoint_* dirs")
-    return found[-1]
+    return found[::-1]
 
 
 def load(path: str | Path) -> dict:
     """The checkpoint dict of a checkpoint file, a checkpoint folder, or a run folder (its newest
-    ``checkpoint_*``); local, or a storage URI (``s3://bucket/runs/NAME``).
+    readable ``checkpoint_*``: one that a failed write left empty or truncated is skipped with
+    a warning naming it); local, or a storage URI (``s3://bucket/runs/NAME``).
 
     Raises:
-        ConfigError: when no readable checkpoint is found there.
+        ConfigError: when no readable checkpoint is found there, or the newest one holds
+            anything but plain data (refused unread, never skipped).
     """
-    path = newest(path)
+    skipped: list[UnreadableCheckpoint] = []
+    for file in candidates(path):
+        try:
+            state = _read(file)
+        except UnreadableCheckpoint as err:
+            skipped.append(err)
+            continue
+        for err in skipped:
+            log.warning("%s: skipped, loaded %s", err, file)
+        return state
+    raise skipped[0]
+
+
+def _read(path: str) -> dict:
     try:
         with storage.open_input(path) as f:
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # weights_only's refusal is a paragraph; the line naming the global says why.
-        why = [ln for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln]
-        reason = why[0].strip() if why else str(err).splitlines()[0]
+        # weights_only's refusal is a paragraph; the line naming the global says why. Without
+        # one the file is not a pickle at all (garbage, an unknown opcode): unreadable.
+        why = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln.upper()]
+        if not why:
+            raise UnreadableCheckpoint(
+                f"--model: {path} is not a readable checkpoint (not a torch.save file)"
+            ) from err
         raise ConfigError(
-            f"--model: {path} is not a plain checkpoint, refused unread ({reason[:200]})"
+            f"--model: {path} is not a plain checkpoint, refused unread ({why[0][:200]})"
         ) from err
     except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise ConfigError(f"--model: {path} is not a readable checkpoint ({err})") from err
+        raise UnreadableCheckpoint(f"--model: {path} is not a readable checkpoint ({err})") from err
 
 
 def resume(

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from pipeline import storage
 from pipeline.checkpoint import CHECKPOINT_FILE
 from pipeline.checkpoint import load as load_checkpoint
+from pipeline.config import ConfigError
 from pipeline.data.format import PrepareError, read_manifest
 from pipeline.data.read import iter_tiles
 from tests.conftest import small_synthetic
@@ -84,3 +86,24 @@ def test_newest_checkpoint_of_a_run_through_a_uri(tmp_path):
         torch.save({"epoch": i}, d / CHECKPOINT_FILE)
     assert load_checkpoint(f"file://{tmp_path}/run")["epoch"] == 3
     assert load_checkpoint(tmp_path / "run")["epoch"] == 3
+
+
+def test_a_run_whose_newest_checkpoint_is_unreadable_loads_the_one_before(tmp_path, caplog):
+    """A failed write (a full disk) leaves an empty checkpoint: the one before it is loaded,
+    and the skipped one is named."""
+    run = tmp_path / "run"
+    for i, content in enumerate((None, None, b"")):
+        d = run / f"checkpoint_2026-11-23_12-0{i}-00.000000"
+        d.mkdir(parents=True)
+        if content is None:
+            torch.save({"epoch": i}, d / CHECKPOINT_FILE)
+        else:
+            (d / CHECKPOINT_FILE).write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert load_checkpoint(run)["epoch"] == 1
+    assert "checkpoint_2026-11-23_12-02-00.000000" in caplog.text and "skipped" in caplog.text
+    # Nothing readable at all: one line naming the newest.
+    for d in run.iterdir():
+        (d / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"12-02-00.000000/checkpoint.pt is not a readable"):
+        load_checkpoint(run)
