@@ -121,12 +121,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _read_yaml(path: str) -> dict:
-    from pipeline.config import ConfigError, read_yaml
+    from pipeline.config import read_mapping
 
-    raw = read_yaml(path, "file")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top, got {type(raw).__name__}")
-    return raw
+    return read_mapping(path, "file")
 
 
 def _print_baselines(cfg) -> None:

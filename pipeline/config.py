@@ -342,12 +342,19 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
         path, raw = item.split("=", 1)
         parts = path.split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({first})") from err
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = value
     return out
 
 
@@ -361,6 +368,16 @@ def read_yaml(path: str | Path, what: str) -> object:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
 
 
+def read_mapping(path: str | Path, what: str) -> dict:
+    """A YAML file that holds a mapping (an empty file: {}); anything else is one ConfigError."""
+    raw = read_yaml(path, what)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top, got {type(raw).__name__}")
+    return raw
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply overrides, validate.
 
@@ -368,7 +385,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         ConfigError: unreadable file, bad YAML, or an invalid value (one line, naming the key).
     """
     path = Path(path)
-    raw = read_yaml(path, "config") or {}
+    raw = read_mapping(path, "config")
     try:
         return Config.from_dict(apply_overrides(raw, list(overrides)))
     except ConfigError as err:

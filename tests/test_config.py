@@ -60,6 +60,11 @@ def write(tmp_path, text):
         ("data: {shards: x}", ["run.name=.hidden"], r"not starting with '.', got '.hidden'"),
         ("data: {shards: x}", ["run.seed=-1"], r"run.seed: expected >= 0, got -1"),
         ("data: [unclosed", [], r"not valid YAML"),
+        ("- data\n- model", [], r"expected a mapping at the top, got list"),
+        ("42", [], r"expected a mapping at the top, got int"),
+        ("data: {shards: x}", ["optim.lr=["], r"--set 'optim.lr=\[': the value is not valid YAML"),
+        ("data: {shards: x}", ["=3"], r"--set '=3': expected section.key=value"),
+        ("data: {shards: x}", ["optim.=3"], r"--set 'optim.=3': expected section.key=value"),
     ],
 )
 def test_bad_config_is_one_clear_line(tmp_path, text, overrides, match):
