@@ -151,10 +151,11 @@ def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
     """
     if storage.is_uri(uri) or Path(uri).exists():
         state = load(uri)
-        cfg = Config.from_dict(state["config"])
-        model = build_model(cfg.model)
-        model.load_state_dict(state["model"])
-        return model.eval(), cfg
+        if not (isinstance(state, dict) and {"model", "config"} <= set(state)):
+            raise ConfigError(
+                f"--model: {uri} is not a checkpoint of this pipeline (no 'model' and 'config')"
+            )
+        return _rebuild(state["config"], state["model"], uri)
     if ":/" not in uri:
         raise ConfigError(f"--model: {uri!r} is neither a checkpoint path nor an MLflow model URI")
     folder = download_model(uri)
@@ -165,9 +166,29 @@ def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
             f"{CONFIG_FILE}; models logged as pickles are not loaded)"
         )
     try:
-        cfg = Config.from_dict(json.loads(config.read_text()))
-    except (json.JSONDecodeError, ConfigError) as err:
-        raise ConfigError(f"--model: {config} is not a pipeline config ({err})") from err
+        raw = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--model: {config} is not valid JSON ({err.msg})") from err
+    return _rebuild(raw, load(weights), uri)
+
+
+def _rebuild(config: object, weights: object, uri: str) -> tuple[torch.nn.Module, Config]:
+    """The network ``config`` describes, with ``weights``, in eval mode.
+
+    Raises:
+        ConfigError: the config is not valid, or the weights do not fit its network.
+    """
+    try:
+        cfg = Config.from_dict(config)
+    except ConfigError as err:
+        raise ConfigError(f"--model: {uri} carries no valid config ({err})") from err
     model = build_model(cfg.model)
-    model.load_state_dict(load(weights))
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        detail = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        raise ConfigError(
+            f"--model: {uri}: the weights do not fit the network its config describes "
+            f"({detail[1] if len(detail) > 1 else detail[0]})"[:300]
+        ) from err
     return model.eval(), cfg

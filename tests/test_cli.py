@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main as cli_main
+from pipeline.config import Config
+from pipeline.models import build_model
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
 
@@ -51,6 +54,12 @@ def test_unknown_command_fails_with_usage():
         ("nowhere", "--model: 'nowhere' is neither a checkpoint path nor an MLflow model URI"),
         ("{tmp}", "--model: no checkpoint.pt in {tmp} or its checkpoint_* dirs"),
         ("{tmp}/broken.pt", "--model: {tmp}/broken.pt is not a readable checkpoint"),
+        ("{tmp}/bare.pt", "--model: {tmp}/bare.pt is not a checkpoint of this pipeline"),
+        ("{tmp}/badcfg.pt", "--model: {tmp}/badcfg.pt carries no valid config (data.shards:"),
+        (
+            "{tmp}/other.pt",
+            "--model: {tmp}/other.pt: the weights do not fit the network its config describes",
+        ),
     ],
 )
 def test_evaluate_bad_model_is_one_line(tmp_path, model, message, monkeypatch, capsys):
@@ -59,10 +68,16 @@ def test_evaluate_bad_model_is_one_line(tmp_path, model, message, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    cfg = Config.from_dict({"data": {"shards": "x"}, "model": {"width": 0.125}})
+    narrow = build_model(cfg.model).state_dict()
+    torch.save(narrow, tmp_path / "bare.pt")  # a bare state dict
+    torch.save({"model": narrow, "config": {"data": {}}}, tmp_path / "badcfg.pt")
+    wide = cfg.to_dict() | {"model": cfg.to_dict()["model"] | {"width": 0.25}}
+    torch.save({"model": narrow, "config": wide}, tmp_path / "other.pt")  # another shape
     model, message = model.format(tmp=tmp_path), message.format(tmp=tmp_path)
     assert cli_main(["evaluate", "--model", model, "--data", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith(f"iid evaluate: error: {message}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"iid evaluate: error: {message}"), err
 
 
 def test_prepare_synthetic_too_small_is_one_line_and_writes_nothing(tmp_path, capsys):
