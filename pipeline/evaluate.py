@@ -268,7 +268,7 @@ def evaluate_uri(
     model, cfg = checkpoint.load_model(uri)
     manifest = read_manifest(shards)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=str(shards)))
-    check_data(cfg, manifest, require_eval=False)
+    check_data(cfg, manifest, training=False)
     lut, classes = label_lut(manifest, cfg.data.merge if merge is None else merge)
     splits = list(splits or [cfg.data.eval_split])
     ev = evaluate_model(model, cfg, shards, splits, lut, len(classes), device=device)

@@ -120,13 +120,12 @@ def write_plots(
 ) -> list[Path]:
     """Write every plot as PNG (and the counts as JSON) under ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "joint.png": plot_joint(ev.joints[ev.best]),
-        "confusion.png": plot_confusion(ev.counts[ev.best], classes),
-    }
+    figures = {"joint.png": plot_joint(ev.joints[ev.best])}
+    if classes:  # without labels there is nothing to confuse or overlay
+        figures["confusion.png"] = plot_confusion(ev.counts[ev.best], classes)
     if history:
         figures["masses.png"] = plot_masses(history)
-    if ev.examples and ev.examples[0][1].ndim == 2:  # dense predictions only
+    if classes and ev.examples and ev.examples[0][1].ndim == 2:  # dense predictions only
         figures["overlays.png"] = plot_overlays(ev, classes)
     paths = [_save(fig, out / name, dpi=110) for name, fig in figures.items()]
     counts = {"classes": list(classes), "best_subhead": ev.best, "counts": ev.counts.tolist()}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,31 @@ def test_evaluate_bad_model_is_one_line(tmp_path, model, message, monkeypatch, c
     assert cli_main(["evaluate", "--model", model, "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"iid evaluate: error: {message}"), err
+
+
+def test_evaluate_with_plots_on_unlabelled_shards(tmp_path, monkeypatch, capsys):
+    from pipeline.prepare.folder import prepare_folder
+    from pipeline.prepare.run import TilingOptions
+    from tests.conftest import write_tif
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    write_tif(tmp_path / "src" / "a.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    shards = tmp_path / "shards"
+    prepare_folder(tmp_path / "src", shards, TilingOptions(tile=32, progress=False))
+    cfg = Config.from_dict(
+        {
+            "data": {"shards": str(shards), "eval_split": "unlabelled"},
+            "model": {"n_clusters_a": 4, "width": 0.125},
+            "loss": {"half_window": 3},
+        }
+    )
+    model = {"model": build_model(cfg.model).state_dict(), "config": cfg.to_dict()}
+    torch.save(model, tmp_path / "model.pt")
+    args = ["evaluate", "--model", str(tmp_path / "model.pt"), "--data", str(shards)]
+    assert cli_main([*args, "--plots", str(tmp_path / "plots")]) == 0
+    assert "(no labelled pixels)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion.json", "joint.png"]
 
 
 def test_prepare_synthetic_too_small_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -255,6 +255,40 @@ def test_sources_whose_names_read_alike_keep_every_tile(tmp_path):
     assert len(rows) == 4 * len(names)
 
 
+def _images(src: Path, sides: tuple[int, ...]) -> Path:
+    rng = np.random.default_rng(0)
+    for i, side in enumerate(sides):
+        write_tif(src / f"{i}.tif", rng.integers(0, 255, (3, side, side), dtype=np.uint8))
+    return src
+
+
+@pytest.mark.parametrize(
+    ("sides", "opts", "bands", "message"),
+    [
+        ((64,), {"rows_per_shard": 0}, None, r"--rows-per-shard must be >= 1, got 0"),
+        ((64,), {}, 0, r"--bands must be >= 1, got 0"),
+        # --skip-bad, but every file was skipped: no dataset to accept
+        ((16,), {"skip_bad": True}, None, r"no tile written \(1 file\(s\) skipped, first: "),
+    ],
+)
+def test_bad_folder_preparations_are_one_line(tmp_path, sides, opts, bands, message):
+    src = _images(tmp_path / "src", sides)
+    with pytest.raises(PrepareError, match=message) as err:
+        prepare_folder(
+            src, tmp_path / "out", TilingOptions(**{"tile": 32, "progress": False} | opts), bands
+        )
+    assert "\n" not in str(err.value)
+
+
+def test_an_image_smaller_than_a_tile_is_listed_as_skipped(tmp_path):
+    src = _images(tmp_path / "src", (64, 16))
+    with pytest.raises(BadFilesError, match=r"1.tif: 16x16 pixels .*smaller than one 32-pixel"):
+        prepare_folder(src, tmp_path / "out", OPTS)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [Path(b["file"]).name for b in manifest["bad_files"]] == ["1.tif"]
+    assert manifest["splits"]["unlabelled"]["tiles"] == 4
+
+
 def test_folder_of_own_imagery_with_a_non_image(tmp_path):
     from PIL import Image
 

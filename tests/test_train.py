@@ -84,6 +84,14 @@ def test_half_window_larger_than_tiles(shards, tmp_path):
         fit(Config.from_dict(d))
 
 
+def test_crop_larger_than_tiles(shards, tmp_path):
+    d = config(shards, tmp_path).to_dict()
+    d["pairs"]["crop"] = 64
+    with pytest.raises(ConfigError, match="pairs.crop: 64 is larger than the 32-pixel tiles"):
+        fit(Config.from_dict(d))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_shards(tmp_path):
     with pytest.raises(PrepareError, match="no manifest"):
         fit(config(tmp_path / "nowhere", tmp_path))

@@ -67,6 +67,8 @@ def test_samples_become_configs_and_ray_space():
         ({"optim.lr": {"loguniform": [0.0, 0.1]}}, r"loguniform needs low > 0"),
         ({"loss.lamb_b": {"uniform": [0.0, 2.0]}}, r"loss.lamb_b: expected > 0, got 0.0"),
         ({"pairs.strength": {"randint": [0, 2]}}, r"randint needs an integer key"),
+        ({"data.shards": {"choice": ["a", "b"]}}, r"data.shards: not searchable"),
+        ({"run.name": {"choice": ["a", "b"]}}, r"run.name: not searchable"),
     ],
 )
 def test_bad_spaces_are_one_line_errors(tmp_path, params, message):

@@ -95,6 +95,10 @@ def test_bad_searches_fail_before_anything_starts(shards, tmp_path, monkeypatch)
     bad = {"params": {"loss.lamb_b": {"uniform": [0.0, 2.0]}}}
     with pytest.raises(ConfigError, match="bad.yaml: .*lamb_b"):
         run_search(base, bad, SearchOptions(name="b"), "bad.yaml")
+    # Every extreme is checked against the shards too: T = 30 cannot fit the 24-pixel crops.
+    wide = {"params": {"loss.half_window": {"randint": [2, 30]}}}
+    with pytest.raises(ConfigError, match="wide.yaml: loss.half_window: 30 does not fit 24-pixel"):
+        run_search(base, wide, SearchOptions(name="w"), "wide.yaml")
     missing = base | {"data": base["data"] | {"shards": str(tmp_path / "nowhere")}}
     with pytest.raises(PrepareError, match="nowhere"):
         run_search(missing, SPACE, SearchOptions(name="m"))

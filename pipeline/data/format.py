@@ -182,9 +182,10 @@ def label_lut(manifest: dict, merge: str) -> tuple[np.ndarray, list[str]]:
     return lut, list(classes)
 
 
-def check_data(cfg: Config, manifest: dict, require_eval: bool = True) -> None:
+def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
     """The config fits the dataset: band count, T against the tiles a loss sees (the crop in
-    training, whole tiles in evaluation), and an evaluation split with tiles.
+    training, whole tiles in evaluation); for training also a crop that fits the tiles and an
+    evaluation split with tiles.
 
     Raises:
         ConfigError: one line naming the config key and the shards.
@@ -195,14 +196,19 @@ def check_data(cfg: Config, manifest: dict, require_eval: bool = True) -> None:
             f"model.in_channels: {cfg.model.in_channels} bands configured but the "
             f"shards in {cfg.data.shards} have {bands}"
         )
-    tiles = [s for s in (cfg.pairs.crop, manifest.get("tiling", {}).get("tile")) if s]
-    tile = min(tiles, default=None)
+    stored = manifest.get("tiling", {}).get("tile")
+    if training and cfg.pairs.crop and stored and cfg.pairs.crop > stored:
+        raise ConfigError(
+            f"pairs.crop: {cfg.pairs.crop} is larger than the {stored}-pixel tiles of "
+            f"{cfg.data.shards}"
+        )
+    tile = min((s for s in (cfg.pairs.crop, stored) if s), default=None)
     if cfg.model.task == "segmentation" and tile and cfg.loss.half_window >= tile:
         raise ConfigError(
             f"loss.half_window: {cfg.loss.half_window} does not fit "
             f"{tile}-pixel tiles (must be < {tile})"
         )
-    if require_eval and manifest["splits"].get(cfg.data.eval_split, {}).get("tiles", 0) == 0:
+    if training and manifest["splits"].get(cfg.data.eval_split, {}).get("tiles", 0) == 0:
         raise ConfigError(
             f"data.eval_split: no tiles in split {cfg.data.eval_split!r} of {cfg.data.shards}"
         )

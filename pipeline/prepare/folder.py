@@ -41,6 +41,8 @@ def prepare_folder(src: Path, out: Path, opts: TilingOptions, bands: int | None 
     """Tile every image of a folder; all must have the same band count (``bands``, or the first
     readable image's). Returns the manifest.
     """
+    if bands is not None and bands < 1:
+        raise PrepareError(f"--bands must be >= 1, got {bands}")
     sources, bad = find_images(src)
     if bands is None:
         for s in sources:

@@ -47,6 +47,8 @@ class TilingOptions:
             raise PrepareError(f"--downscale must be in (0, 1], got {self.scale}")
         if not 0 <= self.test_fraction < 1:
             raise PrepareError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if self.rows_per_shard < 1:
+            raise PrepareError(f"--rows-per-shard must be >= 1, got {self.rows_per_shard}")
 
 
 def assign_split(tile: Tile, seed: int, test_fraction: float) -> str:
@@ -104,9 +106,18 @@ def prepare_tiles(
     for src in sources:
         try:
             _, height, width = raster_info(src.image)
-            plans.append((src, TileGrid(height, width, opts.tile, opts.stride, opts.scale)))
         except PrepareError as err:
             writer.skip(str(src.image), str(err))
+            continue
+        grid = TileGrid(height, width, opts.tile, opts.stride, opts.scale)
+        if len(grid) == 0:
+            writer.skip(
+                str(src.image),
+                f"{src.image}: {grid.out_width}x{grid.out_height} pixels (after --downscale), "
+                f"smaller than one {opts.tile}-pixel tile",
+            )
+            continue
+        plans.append((src, grid))
     bar = tqdm(
         total=sum(len(g) for _, g in plans),
         unit="tile",

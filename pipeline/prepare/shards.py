@@ -212,4 +212,9 @@ class ShardWriter:
                 f"{len(self.bad)} file(s) skipped, first: {self.bad[0]['error']} (all listed "
                 f"in {self.out / MANIFEST}; pass --skip-bad to accept)"
             )
+        if not any(s.tiles for s in self.stats.values()):  # --skip-bad cannot accept nothing
+            first = f", first: {self.bad[0]['error']}" if self.bad else ""
+            raise PrepareError(
+                f"{self.out}: no tile written ({len(self.bad)} file(s) skipped{first})"
+            )
         return manifest

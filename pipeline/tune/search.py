@@ -34,7 +34,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pipeline import checkpoint, storage, tracking
 from pipeline.config import Config, ConfigError, PairConfig, Record
-from pipeline.data.format import read_manifest, training_inputs
+from pipeline.data.format import check_data, read_manifest, training_inputs
 from pipeline.plots import plot_trials
 from pipeline.train import launch, make_job, start_ray
 from pipeline.tune.space import SearchSpace, parse_space
@@ -170,14 +170,17 @@ def run_search(
             name, or an unreachable tracking store; all before any trial starts.
     """
     cfg = Config.from_dict(base)
-    space = parse_space(raw_space, cfg.to_dict(), space_source)
+    training_inputs(cfg)  # the shards' checks, before anything starts
+    manifest = read_manifest(cfg.data.shards)
+    space = parse_space(
+        raw_space, cfg.to_dict(), space_source, check=lambda trial: check_data(trial, manifest)
+    )
     if opts.algorithm == "optuna" and any(d.kind == "grid" for d in space.dims):
         raise ConfigError(
             f"{space_source}: grid dimensions need --search random (Optuna samples, it does "
             "not enumerate a grid); or use choice"
         )
-    training_inputs(cfg)  # the shards' checks, before anything starts
-    if opts.metric in LABELLED and not _has_labels(cfg):
+    if opts.metric in LABELLED and not _has_labels(cfg, manifest):
         raise ConfigError(
             f"--metric {opts.metric}: the eval split {cfg.data.eval_split!r} of "
             f"{cfg.data.shards} has no labels; rank by mi instead"
@@ -262,8 +265,8 @@ def resume_search(path: str | Path) -> SearchOutcome:
     return summarise(record, tuner.fit())
 
 
-def _has_labels(cfg: Config) -> bool:
-    split = read_manifest(cfg.data.shards)["splits"].get(cfg.data.eval_split, {})
+def _has_labels(cfg: Config, manifest: dict) -> bool:
+    split = manifest["splits"].get(cfg.data.eval_split, {})
     return sum(split.get("class_pixels", [])) > 0
 
 

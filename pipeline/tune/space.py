@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,13 @@ class SearchSpace:
         return Config.from_dict(out)
 
 
+# Where data and runs live, not how to train: a trial must not change them.
+NOT_SEARCHABLE = ("data.shards", "run.name", "run.storage_path", "run.tracking_uri")
+
+
 def _field_type(path: str) -> object:
+    if path in NOT_SEARCHABLE:
+        raise ConfigError(f"{path}: not searchable (it says where data and runs live)")
     parts = path.split(".")
     hints = typing.get_type_hints(Config)
     if len(parts) != 2 or parts[0] not in hints:
@@ -119,8 +126,15 @@ def _dimension(path: str, spec: object) -> Dimension:
     return Dimension(path, kind, tuple(values))
 
 
-def parse_space(raw: object, base: dict | None = None, source: str = "space") -> SearchSpace:
-    """Validate a space (the YAML's content) and, given the base config dict, every extreme.
+def parse_space(
+    raw: object,
+    base: dict | None = None,
+    source: str = "space",
+    check: Callable[[Config], None] | None = None,
+) -> SearchSpace:
+    """Validate a space (the YAML's content) and, given the base config dict, every extreme:
+    a range's ends and every listed value, each applied on its own to ``base``, must make a
+    valid config, which ``check`` (say, against the shards) is then given.
 
     Raises:
         ConfigError: one line naming the file and the path.
@@ -136,7 +150,9 @@ def parse_space(raw: object, base: dict | None = None, source: str = "space") ->
         if base is not None:
             for dim in space.dims:
                 for value in dim.values:  # a range's ends, every listed value
-                    space.apply(base, {dim.path: value})
+                    cfg = space.apply(base, {dim.path: value})
+                    if check is not None:
+                        check(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from err
     return space
