@@ -221,6 +221,7 @@ class TrainInputs:
     lut: np.ndarray  # stored label id -> evaluated class
     classes: list[str]
     train_dirs: list[str]
+    manifest: dict
 
 
 def training_inputs(cfg: Config) -> TrainInputs:
@@ -243,4 +244,4 @@ def training_inputs(cfg: Config) -> TrainInputs:
         raise ConfigError(
             f"data.train_splits: no tiles in {list(cfg.data.train_splits)} of {shards}"
         )
-    return TrainInputs(lut, classes, train_dirs)
+    return TrainInputs(lut, classes, train_dirs, manifest)

@@ -139,7 +139,7 @@ def shard_batches(
     once, not re-read and re-decoded every pass), decoded and randomly cropped here; the pairs
     are then drawn on the device by the caller. ``shuffle`` mixes rows in a buffer of
     ``data.shuffle_buffer`` rows, seeded from ``rng``. ``part`` ``(i, n)`` keeps every n-th
-    raw batch from the i-th (a worker's share of a dataset that every worker reads whole).
+    batch from the i-th (a worker's share of a dataset that every worker reads whole).
     """
     i, n = part
     order = {}
@@ -149,9 +149,8 @@ def shard_batches(
             "local_shuffle_seed": int(rng.integers(2**31)),
         }
     if pairs_ready:
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.data.batch_size, device=device, **order
-        ):
+        pairs = shard.iter_torch_batches(batch_size=cfg.data.batch_size, device=device, **order)
+        for batch in itertools.islice(pairs, i, None, n):
             # compact views from the actors (see from_wire): cast on the device
             yield batch | {"x": from_wire(batch["x"]), "gx": from_wire(batch["gx"])}
         return

@@ -34,7 +34,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pipeline import checkpoint, storage, tracking
 from pipeline.config import Config, ConfigError, PairConfig, Record
-from pipeline.data.format import check_data, read_manifest, training_inputs
+from pipeline.data.format import check_data, training_inputs
 from pipeline.plots import plot_trials
 from pipeline.train import launch, make_job, start_ray
 from pipeline.tune.space import SearchSpace, parse_space
@@ -170,8 +170,7 @@ def run_search(
             name, or an unreachable tracking store; all before any trial starts.
     """
     cfg = Config.from_dict(base)
-    training_inputs(cfg)  # the shards' checks, before anything starts
-    manifest = read_manifest(cfg.data.shards)
+    manifest = training_inputs(cfg).manifest  # the shards' checks, before anything starts
     space = parse_space(
         raw_space, cfg.to_dict(), space_source, check=lambda trial: check_data(trial, manifest)
     )
