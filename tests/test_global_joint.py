@@ -5,6 +5,8 @@ process gets from the whole batch."""
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,8 +55,13 @@ def _reference(task: str) -> tuple[float, torch.Tensor]:
 TASKS = ("clustering", "segmentation")
 
 
-def _worker(rank: int, world: int, init: str, out: dict) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    # Loopback only, and a TCP store held by the parent, as Ray Train's workers rendezvous:
+    # a file:// store aborted a worker (SIGABRT) in CI.
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    out: dict = {}
     try:
         x, gx, weight = _inputs()
         share = slice(rank * N // world, (rank + 1) * N // world)
@@ -64,23 +71,28 @@ def _worker(rank: int, world: int, init: str, out: dict) -> None:
             loss.backward()
             grad = w.grad.clone()
             dist.all_reduce(grad)  # what DDP does with parameter gradients: the mean
-            out[rank, task] = (loss.item(), grad / world)
+            out[task] = (loss.item(), grad / world)
         # Masks: rank 1 has no valid pixel (an affine pushed every view out), then neither has.
         mine = torch.full((len(x[share]), 6, 6), float(rank == 0))
         args = (x[share], gx[share], weight)
-        out[rank, "one empty"] = _masked_loss(*args, mine, global_sum)
-        out[rank, "all empty"] = _masked_loss(*args, torch.zeros_like(mine), global_sum)
+        out["one empty"] = _masked_loss(*args, mine, global_sum)
+        out["all empty"] = _masked_loss(*args, torch.zeros_like(mine), global_sum)
     finally:
         dist.destroy_process_group()
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory) -> dict:
-    rendezvous = tmp_path_factory.mktemp("gloo") / "rdv"
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(2, f"file://{rendezvous}", out), nprocs=2)
-        return dict(out)
+    out_dir = tmp_path_factory.mktemp("gloo")
+    # The parent holds the store's server on a free port, so no port is guessed.
+    store = dist.TCPStore("127.0.0.1", 0, 3, is_master=True, wait_for_workers=False)
+    mp.spawn(_worker, args=(2, store.port, str(out_dir)), nprocs=2)
+    out = {}
+    for rank in (0, 1):
+        for key, value in torch.load(out_dir / f"rank{rank}.pt", weights_only=True).items():
+            out[rank, key] = value
+    return out
 
 
 @pytest.mark.parametrize("task", TASKS)
