@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 # The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report.
 # Re-running resumes the finished run instead of retraining; `make clean` starts over.
 demo: $(STAMP)
-	$(VENV)/bin/iid prepare synthetic $(DEMO_DIR)/synthetic --no-progress
+	$(VENV)/bin/iid prepare synthetic $(DEMO_DIR)/synthetic --no-progress --overwrite
 	$(VENV)/bin/iid train --config configs/demo.yaml
 	$(VENV)/bin/iid evaluate --model models:/demo/latest --data $(DEMO_DIR)/synthetic/shards
 

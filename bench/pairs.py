@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pipeline import augment
 from pipeline.augment import make_pairs, make_pairs_u8, spatial_matrices, warp
 from pipeline.config import PairConfig
+from pipeline.data.format import dataset_files, read_manifest
 from pipeline.data.pairs import keep_freed_memory, pair_dataset
 from pipeline.prepare.folder import prepare_folder
 from pipeline.prepare.run import TilingOptions
@@ -94,13 +95,18 @@ def end_to_end(
         src / "scene.tif", "w", driver="GTiff", height=size, width=size, count=4, dtype="uint8"
     ) as dst:
         dst.write(rng.integers(0, 255, (4, size, size), dtype=np.uint8))
+    shards = work / "shards"
     prepare_folder(
-        src, work / "shards", TilingOptions(tile=200, stride=200, progress=False, rows_per_shard=64)
+        src, shards, TilingOptions(tile=200, stride=200, progress=False, rows_per_shard=64)
     )
     ray.init(num_cpus=os.cpu_count() * 2, include_dashboard=False, log_to_driver=False)
     try:
         ds = pair_dataset(
-            str(work / "shards" / "unlabelled"), CFG, actors=actors, batch_size=batch, num_cpus=0.5
+            dataset_files(shards, read_manifest(shards), ["unlabelled"]),
+            CFG,
+            actors=actors,
+            batch_size=batch,
+            num_cpus=0.5,
         )
         # Steady state: the clock starts once the first batch has arrived (actors started,
         # torch imported); rows after it are counted. Each pass runs the whole pipeline again

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -43,7 +44,15 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.train import fit
 
     cfg = load_config(args.config, _overrides(args))
-    result = fit(cfg)
+    try:
+        result = fit(cfg)
+    except KeyboardInterrupt:
+        print(
+            f"iid train: interrupted; the same command resumes run {cfg.run.name!r} from its "
+            "last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     m = result.metrics or {}
     print(
         f"run {cfg.run.name}: epoch {m.get('epoch')} of {cfg.optim.epochs}, "
@@ -159,6 +168,7 @@ _TILING_FLAGS = {
     "rows_per_shard": "rows_per_shard",
     "compression": "compression",
     "skip_bad": "skip_bad",
+    "overwrite": "overwrite",
 }
 
 
@@ -171,7 +181,17 @@ def _tiling(args: argparse.Namespace):
         given["stride"] = given["stride"] or given["tile"]
     if hasattr(args, "no_progress"):
         given["progress"] = not args.no_progress
-    return TilingOptions(**given)
+    opts = TilingOptions(**given)
+    _check_output(args, opts)
+    return opts
+
+
+def _check_output(args: argparse.Namespace, opts) -> None:
+    """OUT can take the dataset, checked before any input is read or scene generated."""
+    from pipeline.prepare.shards import check_output
+
+    out = Path(args.out) / ("shards" if args.kind == "synthetic" else "")
+    check_output(out, opts.overwrite)
 
 
 def _report(manifest: dict, out: Path) -> int:
@@ -179,6 +199,8 @@ def _report(manifest: dict, out: Path) -> int:
     print(f"wrote {len(manifest['shards'])} shard(s) to {out}: tiles {splits}")
     for bad in manifest["bad_files"]:
         print(f"skipped: {bad['error']}", file=sys.stderr)
+    for name, n in manifest.get("non_finite_tiles", {}).get("files", {}).items():
+        print(f"dropped: {n} tile(s) of {name} with NaN or inf pixels", file=sys.stderr)
     return 0
 
 
@@ -314,6 +336,12 @@ def _output_options() -> argparse.ArgumentParser:
         choices=["lz4", "zstd", "snappy", "none"],
         default="lz4",
         help="Parquet codec: lz4 (default) is fastest to write and read, zstd smallest",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset already in OUT (the old one stays until the new one is "
+        "complete; without it, a non-empty OUT is refused)",
     )
     p.add_argument(
         "--skip-bad",
@@ -587,8 +615,16 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # MLflow's own INFO lines (creating tables, experiments) only with -v; the variable for
+        # processes that import it later (Ray workers), the level for this one if it has.
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print(f"iid {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (PrepareError, storage.StorageError, ValueError, OSError, RuntimeError) as err:
         log.info("iid %s failed", args.command, exc_info=True)  # the traceback, with -v
         print(f"iid {args.command}: error: {err}", file=sys.stderr)

@@ -13,9 +13,12 @@ A location is kept as a string throughout: ``join`` and ``parent`` work on URIs 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import os
 import posixpath
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -27,6 +30,14 @@ import pyarrow.fs as pafs
 
 class StorageError(Exception):
     """A location that cannot be opened, phrased for the user (one line)."""
+
+
+class LockedError(StorageError):
+    """Another process that may still be running holds the lock; ``holder`` says which."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
 
 
 def is_uri(location: str | Path) -> bool:
@@ -153,3 +164,86 @@ def staged_dir(location: str | Path) -> Iterator[Path]:
         )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------- locks
+def owner_line() -> str:
+    """This process as a lock names it: ``HOST PID TOKEN STARTED``."""
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    return f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex[:8]} {started}"
+
+
+def live_holder(line: str) -> str:
+    """Who holds a lock (``pid N`` or ``pid N on host H``, with when it started) when that
+    process may still run; "" when it is gone (same host, no such pid) or the line is not a
+    lock's. A holder on another host cannot be checked from here and counts as running."""
+    parts = line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        return ""
+    host, pid = parts[0], int(parts[1])
+    since = f", since {parts[3]}" if len(parts) > 3 else ""
+    if host != socket.gethostname():
+        return f"pid {pid} on host {host}{since}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return ""
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return f"pid {pid}{since}"
+
+
+@contextlib.contextmanager
+def lock(location: str | Path) -> Iterator[str]:
+    """Hold the lock file ``location`` while the block runs, and remove it after.
+
+    Locally the file is created atomically (``O_EXCL``), so of two processes starting at once
+    exactly one wins. On object stores there is no atomic create: the check and the write are
+    two requests, so two starts within the same second may both proceed.
+
+    Yields:
+        The line of a holder that is gone (a killed process) whose lock was taken over, or "".
+
+    Raises:
+        LockedError: a process that may still run holds it.
+    """
+    mine = owner_line()
+    taken_over = ""
+    if not _create_exclusive(location, mine):
+        line = read_text(location).strip() if is_file(location) else ""
+        holder = live_holder(line)
+        if holder:
+            raise LockedError(f"{location}: held by {holder}", holder)
+        write_text_atomic(location, mine + "\n")
+        if read_text(location).strip() != mine:  # another process took it over just now
+            raise LockedError(f"{location}: taken over by another process", "another process")
+        taken_over = line or "an unreadable lock"
+    try:
+        yield taken_over
+    finally:
+        with contextlib.suppress(OSError, StorageError):
+            if read_text(location).strip() == mine:
+                fs, path = resolve(location)
+                fs.delete_file(path)
+
+
+def _create_exclusive(location: str | Path, text: str) -> bool:
+    """Create the file with ``text`` unless it exists; True when this call created it."""
+    fs, path = resolve(location)
+    if isinstance(fs, pafs.LocalFileSystem):
+        # Written whole under a temporary name, then hard-linked: the link fails if the file
+        # exists, and a reader never sees it empty.
+        tmp = Path(f"{path}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+        return True
+    if is_file(location):
+        return False
+    write_text_atomic(location, text + "\n")
+    return True

@@ -94,7 +94,15 @@ def run_for(
     marker = storage.join(run_dir, RUN_ID_FILE)
     mlflow.set_tracking_uri(uri)
     if storage.is_file(marker):
-        return storage.read_text(marker).strip()
+        run_id = storage.read_text(marker).strip()
+        try:
+            mlflow.MlflowClient(uri).get_run(run_id)
+        except mlflow.exceptions.MlflowException as err:
+            raise ConfigError(
+                f"run.tracking_uri: {run_dir} logs to MLflow run {run_id}, which {uri} does not "
+                "hold; give the tracking URI it was trained with, or another run.name"
+            ) from err
+        return run_id
     run_id = _create_run(uri, cfg.run.experiment, cfg.run.name, tags or {}, cfg.flat())
     storage.write_text_atomic(marker, run_id)
     return run_id
@@ -113,6 +121,20 @@ class EpochLogger:
         for key, value in metrics.items():
             if key != "epoch":
                 self.client.log_metric(self.run_id, key, float(value), step=epoch)
+
+
+def set_status(uri: str, run_id: str, status: str, note: str = "") -> None:
+    """Set the run's MLflow status (``RUNNING`` while training, then ``FINISHED``, ``FAILED``
+    or ``KILLED``); ``note`` goes to the tag ``iid.status_note`` (what ended or resumed it)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    if note:
+        client.set_tag(run_id, "iid.status_note", note)
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
 
 
 def mark_finished(uri: str, run_id: str) -> None:

@@ -10,13 +10,16 @@ checkpoint. ``launch`` runs one job; ``iid train`` (``fit``) and every trial of 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +27,7 @@ import torch
 
 from pipeline import checkpoint, storage, tracking
 from pipeline.augment import make_pairs
-from pipeline.config import Config, Job, PairConfig
+from pipeline.config import Config, ConfigError, Job, PairConfig
 from pipeline.data.format import TrainInputs, training_inputs
 from pipeline.data.pairs import pair_dataset
 from pipeline.data.read import rows, shard_batches
@@ -39,10 +42,20 @@ if TYPE_CHECKING:
     from ray.train import Checkpoint, Result
 
 log = logging.getLogger(__name__)
+LOCK_FILE = ".lock"  # in the run folder, while a driver trains it
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced NaN or inf; the last checkpoint stays the last good state."""
+
+
+def _tiles(batch: dict) -> str:
+    """The batch's tiles, for an error message (the first few ids)."""
+    ids = list(batch.get("tile_id", []))
+    if not ids:
+        return "tile ids not carried by actor-made pairs"
+    more = f" and {len(ids) - 4} more" if len(ids) > 4 else ""
+    return f"tiles {', '.join(ids[:4])}{more}"
 
 
 # ---------------------------------------------------------------------------------- the step
@@ -67,7 +80,8 @@ def train_epoch_head(
             if cfg.pairs.repeats > 1:  # r pairs of each image, each with its own g
                 x = x.repeat(cfg.pairs.repeats, *([1] * (x.ndim - 1)))
                 label = label.repeat(cfg.pairs.repeats, *([1] * (label.ndim - 1)))
-            batch = make_pairs(x, cfg.pairs, gen) | {"label": label}
+            ids = batch.get("tile_id", [])
+            batch = make_pairs(x, cfg.pairs, gen) | {"label": label, "tile_id": ids}
         with autocast:
             losses = pair_losses(model, batch, head, lamb, cfg, joint_sum)
         loss = losses.mean()
@@ -75,7 +89,7 @@ def train_epoch_head(
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"non-finite loss {loss.item()} at epoch {epoch}, head {head}, step {step} "
-                f"(tiles {batch.get('tile_id', '?')}); an all-masked batch also gives NaN"
+                f"({_tiles(batch)}); an all-masked batch also gives NaN"
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -188,6 +202,7 @@ def start_ray() -> None:
     import ray.data
 
     if not ray.is_initialized():
+        check_cluster()
         # Workers' log lines (Ray Data progress bars, controller notices) reach the terminal
         # only with -v; a failure still arrives as the exception fit() raises.
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
@@ -202,6 +217,34 @@ def start_ray() -> None:
             log_to_driver=verbose,
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def check_cluster(wait_s: float = 30.0) -> None:
+    """The cluster ``RAY_ADDRESS`` names answers (within ``wait_s``: it may be starting).
+
+    Ray itself retries an address that nothing listens on for minutes. Addresses that are not
+    ``host:port`` (``auto``, unset) are left to Ray.
+
+    Raises:
+        ConfigError: one line naming the address.
+    """
+    address = os.environ.get("RAY_ADDRESS", "")
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"RAY_ADDRESS: no Ray cluster answers at {address} "
+                    f"({err.strerror or err}, for {wait_s:.0f} s); start it (`ray start "
+                    "--head`) or unset RAY_ADDRESS to train on a local cluster"
+                ) from err
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def make_job(
@@ -219,13 +262,13 @@ def make_job(
     )
 
 
-def launch(job: Job, train_dirs: list[str], callbacks: Sequence = ()) -> Result:
+def launch(job: Job, inputs: TrainInputs, callbacks: Sequence = ()) -> Result:
     """Train (or resume) one run with a ``TorchTrainer``: its datasets, scaling, storage
     (``run.storage_path/run.name``) and failure handling.
 
     Args:
         job: what the workers receive.
-        train_dirs: the training splits' folders (``TrainInputs.train_dirs``).
+        inputs: the shards' files (``training_inputs``).
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
 
     Raises:
@@ -237,7 +280,7 @@ def launch(job: Job, train_dirs: list[str], callbacks: Sequence = ()) -> Result:
     cfg = job.config
     if cfg.data.pairs_on == "actors":
         train_ds = pair_dataset(
-            train_dirs,
+            inputs.train_files,
             cfg.pairs,
             actors=cfg.scaling.pair_actors,
             batch_size=cfg.data.batch_size,
@@ -245,8 +288,7 @@ def launch(job: Job, train_dirs: list[str], callbacks: Sequence = ()) -> Result:
             seed=cfg.run.seed,
         ).select_columns(["x", "gx", "inverse", "mask", "label"])
     else:
-        train_ds = rows(train_dirs, cfg.data.materialize, deal_seed=cfg.run.seed)
-    eval_dir = storage.absolute(storage.join(cfg.data.shards, cfg.data.eval_split))
+        train_ds = rows(inputs.train_files, cfg.data.materialize, deal_seed=cfg.run.seed)
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -264,7 +306,7 @@ def launch(job: Job, train_dirs: list[str], callbacks: Sequence = ()) -> Result:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
         ),
-        datasets={"train": train_ds, "eval": rows(eval_dir, cfg.data.materialize)},
+        datasets={"train": train_ds, "eval": rows(inputs.eval_files, cfg.data.materialize)},
         # Every worker sees the whole evaluation split and scores its share of the batches
         # (shard_batches' ``part``): a split would drop rows to give the workers equal shares.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -298,16 +340,75 @@ def fit(cfg: Config) -> Result:
     inputs = training_inputs(cfg)
     uri = tracking.resolve_uri(cfg.run.tracking_uri)
     tracking.check_reachable(uri)
-    start_ray()
-    # The MLflow run is created here, before any worker starts (SQLite schema races), and
-    # reused when the same run name is trained again.
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
-    job = make_job(cfg, inputs, uri, tracking.run_for(uri, cfg, run_dir))
-    result = launch(job, inputs.train_dirs)
-    tracking.mark_finished(uri, job.run_id)
-    if result.checkpoint is not None:
-        finish_run(job, result.checkpoint, run_dir)
+    check_resumable(cfg, run_dir)
+    check_cluster()
+    with run_lock(cfg, run_dir) as killed:
+        # The MLflow run is created here, before any worker starts (SQLite schema races), and
+        # reused when the same run name is trained again.
+        job = make_job(cfg, inputs, uri, tracking.run_for(uri, cfg, run_dir))
+        note = f"resumed after its driver was killed ({killed})" if killed else ""
+        tracking.set_status(uri, job.run_id, "RUNNING", note)
+        try:
+            start_ray()
+            result = launch(job, inputs)
+            tracking.mark_finished(uri, job.run_id)
+            if result.checkpoint is not None:
+                finish_run(job, result.checkpoint, run_dir)
+        except KeyboardInterrupt:
+            tracking.set_status(uri, job.run_id, "KILLED", "interrupted (Ctrl-C)")
+            raise
+        except BaseException as err:
+            tracking.set_status(uri, job.run_id, "FAILED", str(err).splitlines()[0][:250])
+            raise
+        tracking.set_status(uri, job.run_id, "FINISHED")
     return result
+
+
+@contextlib.contextmanager
+def run_lock(cfg: Config, run_dir: str) -> Iterator[str]:
+    """Hold ``run_dir/.lock`` while the run trains: two drivers of one run name would log to
+    one MLflow record, both register a model and orphan each other's checkpoints.
+
+    Yields:
+        The lock line of a driver that was killed holding it ("" if none): its run resumes.
+
+    Raises:
+        ConfigError: a driver that may still run holds it (one line naming it).
+    """
+    try:
+        with storage.lock(storage.join(run_dir, LOCK_FILE)) as killed:
+            if killed:
+                log.warning(
+                    "run %s: its last driver was killed (%s); resuming", cfg.run.name, killed
+                )
+            yield killed
+    except storage.LockedError as err:
+        raise ConfigError(
+            f"run.name: {cfg.run.name!r} is being trained by {err.holder} "
+            f"(lock {storage.join(run_dir, LOCK_FILE)}); wait for it, or pick another run.name"
+        ) from err
+
+
+def check_resumable(cfg: Config, run_dir: str) -> None:
+    """A run folder with checkpoints resumes only a model of the same shape.
+
+    Raises:
+        ConfigError: one line naming the first ``model.*`` key that differs.
+    """
+    if not storage.list_dirs(run_dir, "checkpoint_"):
+        return
+    try:
+        saved = Config.from_dict(checkpoint.load(run_dir)["config"]).model
+    except (ConfigError, KeyError):
+        return  # unreadable checkpoints are skipped (or reported) by the resume itself
+    for key, value in dataclasses.asdict(saved).items():
+        mine = getattr(cfg.model, key)
+        if mine != value:
+            raise ConfigError(
+                f"model.{key}: {mine!r}, but run {cfg.run.name!r} in {run_dir} was trained "
+                f"with {value!r}; resume with its config, or pick another run.name"
+            )
 
 
 def finish_run(job: Job, final: Checkpoint, run_dir: str) -> dict:

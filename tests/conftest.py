@@ -9,7 +9,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from pipeline.data.format import decode_raw
+from pipeline.data.format import dataset_files, decode_raw, read_manifest
 from pipeline.prepare.potsdam import COLOURS
 from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
@@ -18,14 +18,15 @@ POTSDAM_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "potsda
 
 
 def write_tif(path: Path, array: np.ndarray, georef: bool = True, tiled: bool = False) -> Path:
-    """Write (bands, h, w) uint8 as an uncompressed GeoTIFF (strips unless ``tiled``)."""
+    """Write (bands, h, w) as an uncompressed GeoTIFF of the array's dtype (strips unless
+    ``tiled``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     profile = {
         "driver": "GTiff",
         "height": array.shape[1],
         "width": array.shape[2],
         "count": array.shape[0],
-        "dtype": "uint8",
+        "dtype": array.dtype.name,
     }
     if georef:
         profile |= {"crs": "EPSG:32633", "transform": from_origin(368000, 5808000, 0.05, 0.05)}
@@ -74,6 +75,11 @@ def small_synthetic(out: Path, seed: int, test_fraction: float = 0.2) -> Path:
     opts = TilingOptions(tile=32, stride=32, progress=False, test_fraction=test_fraction)
     prepare_synthetic(out, opts, SceneSpec(size=256, seed=seed), baselines=False)
     return out / "shards"
+
+
+def split_files(shards: Path, split: str) -> list[str]:
+    """The shard files the manifest lists for ``split`` (what training reads)."""
+    return dataset_files(shards, read_manifest(shards), [split])
 
 
 def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:

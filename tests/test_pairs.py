@@ -17,7 +17,7 @@ from pipeline.data.format import decode_batch, from_wire
 from pipeline.data.pairs import PairMaker, keep_freed_memory, pair_dataset
 from pipeline.prepare.potsdam import prepare_potsdam
 from pipeline.prepare.run import TilingOptions
-from tests.conftest import make_release
+from tests.conftest import make_release, split_files
 
 NO_COLOUR = {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -294,7 +294,7 @@ def test_pair_maker_sends_compact_views_that_decode_to_what_make_pairs_drew(shar
 def test_ray_data_actor_pool_streams_every_tile_as_a_pair(shards, ray_cluster):
     out, manifest = shards
     cfg = PairConfig(crop=24, affine=True)
-    ds = pair_dataset(str(out / "train"), cfg, actors=2, batch_size=4)
+    ds = pair_dataset(split_files(out, "train"), cfg, actors=2, batch_size=4)
     rows, ids = 0, set()
     for batch in ds.iter_batches(batch_size=5, batch_format="numpy"):
         assert batch["x"].shape[1:] == (4, 24, 24)

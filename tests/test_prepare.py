@@ -359,3 +359,19 @@ def test_prepare_help_explains_every_option():
         "--no-progress",
     ):
         assert option in run.stdout
+
+
+def test_tiles_with_nan_pixels_are_dropped_and_counted_per_file(tmp_path):
+    src = tmp_path / "src"
+    image = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    image[1, 40, 50] = np.nan  # one pixel of one band: the bottom-right tile
+    image[0, 5, 5] = np.inf  # and the top-left one
+    write_tif(src / "float.tif", image)
+    write_tif(src / "clean.tif", image[:, :32, 32:].copy())
+    manifest = prepare_folder(
+        src, tmp_path / "out", TilingOptions(tile=32, stride=32, progress=False)
+    )
+    assert manifest["non_finite_tiles"] == {"dropped": 2, "files": {"float.tif": 2}}
+    rows = read_rows(tmp_path / "out")
+    assert sorted(r["tile_id"] for r in rows) == ["clean_r0_c0", "float_r0_c32", "float_r32_c0"]
+    assert all(np.isfinite(decode_row(r)[0]).all() for r in rows)

@@ -7,6 +7,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +111,26 @@ def test_a_run_whose_newest_checkpoint_is_unreadable_loads_the_one_before(tmp_pa
         (d / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"12-02-00.000000/checkpoint.pt is not a readable"):
         load_checkpoint(run)
+
+
+def test_a_lock_is_exclusive_taken_over_from_a_dead_holder_and_removed_after(tmp_path):
+    path = tmp_path / "run" / ".lock"
+    with storage.lock(path) as taken_over:
+        assert taken_over == "" and path.is_file()
+        with pytest.raises(storage.LockedError, match=rf"held by pid {os.getpid()}, since "):
+            with storage.lock(path):
+                pass
+    assert not path.exists()
+    # A holder on this host that is gone: taken over, and its line handed back.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(f"{socket.gethostname()} {dead.pid} abc 2026-11-24T10:00:00\n")
+    with storage.lock(path) as taken_over:
+        assert taken_over.startswith(f"{socket.gethostname()} {dead.pid} ")
+    assert not path.exists()
+    # One on another host cannot be checked from here: it counts as running.
+    path.write_text("elsewhere 1 abc 2026-11-24T10:00:00\n")
+    with pytest.raises(storage.LockedError, match="held by pid 1 on host elsewhere"):
+        with storage.lock(path):
+            pass
+    assert path.read_text().startswith("elsewhere 1 ")  # not removed by the refused one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -62,3 +64,16 @@ def test_default_scene_defeats_colour_but_not_context():
 def test_scene_spec_refuses_what_cannot_be_drawn(spec, match):
     with pytest.raises(ValueError, match=match):
         SceneSpec(**spec)
+
+
+def test_the_smallest_documented_scene_prepares_with_its_baselines(tmp_path):
+    """--size 256 (the documented minimum) failed in the baselines after the shards were
+    written, leaving a manifest without them."""
+    manifest = prepare_synthetic(tmp_path, TilingOptions(progress=False), SceneSpec(size=256))
+    assert set(manifest["baselines_potsdam3"]) == {
+        "kmeans_on_pixel_colour_acc",
+        "supervised_pixel_colour_acc",
+        "supervised_colour_and_context_acc",
+    }
+    assert manifest["synthetic"]["size"] == 256
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text()) == manifest

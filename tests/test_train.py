@@ -28,7 +28,7 @@ from pipeline.evaluate import evaluate_uri
 from pipeline.losses import iid_segmentation_loss
 from pipeline.models import build_model
 from pipeline.train import NonFiniteLossError, _worker_error, fit, train_epoch_head
-from tests.conftest import small_synthetic
+from tests.conftest import small_synthetic, split_files
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
 
@@ -156,6 +156,9 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     thread = threading.Thread(target=train)
     thread.start()
     _kill_one_worker_after_first_checkpoint(tmp_path / "runs" / "t")
+    # A second driver of the same run name while the first trains: refused, naming the holder.
+    with pytest.raises(ConfigError, match=rf"run.name: 't' is being trained by pid {os.getpid()}"):
+        fit(cfg)
     thread.join(timeout=600)
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     result = outcome["result"]
@@ -202,12 +205,34 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
         client.get_run(run.info.run_id).data.metrics["eval_acc"]
     )
 
-    # Same run name again: resumes from the last checkpoint, nothing is retrained or re-logged.
+    assert run.info.status == "FINISHED" and not (tmp_path / "runs" / "t" / ".lock").exists()
+
+    # Same run name again, after a driver was killed holding the lock (a dead pid): the lock is
+    # taken over, the run resumes from the last checkpoint, nothing is retrained or re-logged.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "runs" / "t" / ".lock").write_text(f"{os.uname().nodename} {dead.pid} x 2026\n")
     again = fit(cfg)
     assert again.checkpoint.path == result.checkpoint.path
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == steps
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert len(client.search_model_versions("name='t'")) == 1
+    rerun = client.get_run(run.info.run_id)
+    assert rerun.info.status == "FINISHED"
+    assert (
+        f"driver was killed ({os.uname().nodename} {dead.pid}" in rerun.data.tags["iid.status_note"]
+    )
+
+    # Rerun with a model of another shape, or against a store that does not hold the run: one
+    # line each, before Ray is asked for anything.
+    other = Config.from_dict(d | {"model": d["model"] | {"n_clusters_b": 5}})
+    with pytest.raises(ConfigError, match=r"model.n_clusters_b: 5, but run 't' .* with 3; "):
+        fit(other)
+    elsewhere = Config.from_dict(
+        d | {"run": d["run"] | {"tracking_uri": f"sqlite:///{tmp_path / 'other.db'}"}}
+    )
+    with pytest.raises(ConfigError, match=r"run.tracking_uri: .* logs to MLflow run \w+, which"):
+        fit(elsewhere)
 
 
 @pytest.mark.slow
@@ -254,11 +279,12 @@ def test_training_passes_shuffle_rows_differently_each_time_and_eval_keeps_the_o
     shards, tmp_path, ray_cluster
 ):
     cfg = config(shards, tmp_path)
-    rows = dataset_rows(str(shards / "train"), materialize=True).iterator()
+    rows = dataset_rows(split_files(shards, "train"), materialize=True).iterator()
 
     def one_pass(seed: int, shuffle: bool) -> torch.Tensor:
         rng = np.random.default_rng(seed)
-        batches = shard_batches(rows, cfg, torch.device("cpu"), rng, 0, shuffle=shuffle)
+        batches = list(shard_batches(rows, cfg, torch.device("cpu"), rng, 0, shuffle=shuffle))
+        assert all(len(b["tile_id"]) == len(b["x"]) for b in batches)  # for error messages
         return torch.cat([b["x"] for b in batches])
 
     stored, again = one_pass(0, False), one_pass(1, False)
@@ -290,21 +316,21 @@ def _worker_rows(ds, passes: int) -> list[list[set]]:
 
 
 def test_each_pass_deals_the_training_rows_to_the_workers_afresh(shards, ray_cluster):
-    n = dataset_rows(str(shards / "train"), materialize=True).count()
-    dealt = _worker_rows(dataset_rows(str(shards / "train"), True, deal_seed=0), passes=4)
+    n = dataset_rows(split_files(shards, "train"), materialize=True).count()
+    dealt = _worker_rows(dataset_rows(split_files(shards, "train"), True, deal_seed=0), passes=4)
     for first, second in dealt:
         assert not first & second and len(first) == len(second) == n // 2
     # A worker's rows change from pass to pass: not a fixed part of the scene.
     assert len({frozenset(first) for first, _ in dealt}) > 1
     # Unseeded (evaluation) rows keep their order: the same contiguous half every pass.
-    kept = _worker_rows(dataset_rows(str(shards / "train"), materialize=True), passes=2)
+    kept = _worker_rows(dataset_rows(split_files(shards, "train"), materialize=True), passes=2)
     assert kept[0][0] == kept[1][0]
 
 
 def test_the_deal_is_new_each_pass_and_repeats_with_the_seed(shards, ray_cluster):
     def orders(seed: int) -> list[tuple]:
         """The row order of 3 passes over a freshly built training dataset."""
-        ds = dataset_rows(str(shards / "train"), True, deal_seed=seed)
+        ds = dataset_rows(split_files(shards, "train"), True, deal_seed=seed)
         passes = [ds.iter_batches(batch_size=64, batch_format="numpy") for _ in range(3)]
         return [tuple(t for b in it for t in b["tile_id"]) for it in passes]
 
@@ -322,8 +348,10 @@ def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
     batch = {"x": torch.rand(2, 3, 24, 24), "label": torch.zeros(2, 24, 24, dtype=torch.uint8)}
+    batch["tile_id"] = ["a_r0_c0", "a_r0_c32"]
     gen = torch.Generator().manual_seed(0)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at epoch 3, head A, step 0"):
+    stopped = r"non-finite loss nan at epoch 3, head A, step 0 \(tiles a_r0_c0, a_r0_c32\)"
+    with pytest.raises(NonFiniteLossError, match=stopped):
         train_epoch_head(model, opt, [batch], "A", 1.0, cfg, torch.device("cpu"), 3, gen)
     after = list(model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
@@ -365,3 +393,62 @@ def test_cli_train_bad_config_is_one_line(tmp_path):
     run = subprocess.run([IID, "train", "--config", str(path)], capture_output=True, text=True)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].endswith("loss.lamb_b: expected > 0, got -1.0")
+
+
+@pytest.mark.parametrize(
+    "stop, code, status, line",
+    [
+        (KeyboardInterrupt, 130, "KILLED", "interrupted; the same command resumes run 't' from"),
+        (RuntimeError("training failed: worker lost"), 2, "FAILED", "training failed: worker"),
+    ],
+    ids=["ctrl-c", "failure"],
+)
+def test_an_interrupted_or_failed_run_ends_killed_or_failed_and_frees_its_name(
+    stop, code, status, line, shards, tmp_path, ray_cluster, monkeypatch, capsys
+):
+    """Training stopped where the driver waits on it (``launch``): the MLflow run is ended with
+    the matching status, the CLI says one line, and the run name is free for the rerun."""
+    import yaml
+
+    from pipeline import train
+    from pipeline.cli import main as cli_main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config(shards, tmp_path).to_dict()))
+
+    def stopped(job, inputs, callbacks=()):
+        raise stop
+
+    monkeypatch.setattr(train, "launch", stopped)
+    assert cli_main(["train", "--config", str(path)]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and line in err[0], err
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == status
+    assert not (tmp_path / "runs" / "t" / ".lock").exists()
+
+
+def test_a_ray_address_where_nothing_answers_is_one_line_after_the_wait(monkeypatch):
+    import socket
+
+    from pipeline.train import check_cluster
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{listening.getsockname()[1]}")
+        check_cluster(wait_s=1)  # something answers: go on
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: refused
+        monkeypatch.setenv("RAY_ADDRESS", f"ray://127.0.0.1:{port}")
+        start = time.monotonic()
+        with pytest.raises(
+            ConfigError,
+            match=rf"RAY_ADDRESS: no Ray cluster answers at ray://127.0.0.1:{port} \(.*for 1 s\)",
+        ) as err:
+            check_cluster(wait_s=1)
+        assert time.monotonic() - start < 5 and "\n" not in str(err.value)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    check_cluster(wait_s=1)  # left to Ray

@@ -273,3 +273,34 @@ def test_exported_best_config_trains_unchanged(search, monkeypatch, capsys):
     assert f"run s-best: epoch {EPOCHS - 1} of {EPOCHS}" in out
     report = json.loads((search["tmp"] / "runs" / "s-best" / "report.json").read_text())
     assert report["tracking_uri"] == search["uri"]
+
+
+@pytest.mark.slow
+def test_a_search_killed_before_tune_saved_a_state_resumes_from_search_json(
+    shards, tmp_path, monkeypatch, ray_cluster
+):
+    """Killed between writing search.json and Tune's first state: neither a rerun (the name
+    exists) nor Tune's restore could go on; --resume starts it from search.json."""
+    from pipeline.tune import search
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    base = base_config(shards)
+    base["optim"]["epochs"] = 1
+    opts = SearchOptions(name="early", num_samples=1, grace_period=1)
+
+    def killed() -> None:
+        raise KeyboardInterrupt
+
+    real = search.start_ray
+    monkeypatch.setattr(search, "start_ray", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(base, SPACE, opts)
+    folder = tmp_path / "runs" / "early"
+    assert (folder / "search.json").is_file()
+    monkeypatch.setattr(search, "start_ray", real)
+
+    outcome = resume_search(folder)
+    assert [r.status for r in outcome.rows] == ["done"] and outcome.rows[0].epochs == 1
+    client = mlflow.MlflowClient(outcome.tracking_uri)
+    assert client.get_run(outcome.parent_run_id).info.status == "FINISHED"

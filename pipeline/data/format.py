@@ -13,11 +13,14 @@ neither imports the other.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from pipeline import IGNORE_INDEX, storage
@@ -162,6 +165,78 @@ def read_manifest(shards: str | Path) -> dict:
         raise PrepareError(str(err)) from err
 
 
+def dataset_files(shards: str | Path, manifest: dict, splits: Sequence[str]) -> list[str]:
+    """The shards of ``splits`` that the manifest lists, split by split and sorted by name,
+    each checked.
+
+    The manifest is the dataset: files in the split folders that it does not list (left by an
+    earlier prepare) are never read. Each listed file must exist, be a Parquet file with the
+    row schema, hold the rows the manifest says and tiles of one size (the manifest's tile
+    when it records one). Only the footers are read.
+
+    Raises:
+        PrepareError: one line naming the first file that fails.
+    """
+    order = {split: i for i, split in enumerate(splits)}
+    listed = sorted(
+        (s for s in manifest.get("shards", []) if s["path"].split("/", 1)[0] in order),
+        key=lambda s: (order[s["path"].split("/", 1)[0]], s["path"]),  # split by split, by name
+    )
+    paths = [storage.absolute(storage.join(shards, s["path"])) for s in listed]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # footers of remote shards: one GET each
+        footers = list(pool.map(_footer, paths))
+    tile = manifest.get("tiling", {}).get("tile")
+    sizes = set()
+    for info, path, (meta, error) in zip(listed, paths, footers, strict=True):
+        if error:
+            raise PrepareError(f"{path}: {error} (listed in {storage.join(shards, MANIFEST)})")
+        names = meta.schema.to_arrow_schema().names
+        if names != SCHEMA.names:
+            raise PrepareError(f"{path}: not a shard of this format (columns {names})")
+        if meta.num_rows != info["rows"]:
+            raise PrepareError(
+                f"{path}: {meta.num_rows} rows, the manifest says {info['rows']} "
+                "(the file was replaced after prepare; prepare again)"
+            )
+        size = _tile_size(meta)
+        if size and tile and size != (tile, tile) or sizes and size and size not in sizes:
+            expected = (tile, tile) if tile else next(iter(sizes))
+            raise PrepareError(
+                f"{path}: {size[0]}x{size[1]} tiles, expected {expected[0]}x{expected[1]} "
+                "(the file was replaced after prepare; prepare again)"
+            )
+        sizes |= {size} if size else set()
+    return paths
+
+
+def _footer(path: str) -> tuple[pq.FileMetaData | None, str]:
+    """A Parquet file's footer, or why it could not be read."""
+    try:
+        with storage.open_input(path) as src:
+            return pq.ParquetFile(src).metadata, ""
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, pa.ArrowException, storage.StorageError) as err:
+        return None, f"not a readable Parquet file ({str(err).splitlines()[0][:200]})"
+
+
+def _tile_size(meta: pq.FileMetaData) -> tuple[int, int] | None:
+    """(height, width) of the file's tiles from the footer's statistics, None when not
+    recorded or when tiles of several sizes share the file."""
+    names = meta.schema.to_arrow_schema().names
+    found = set()
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        stats = [group.column(names.index(c)).statistics for c in ("height", "width")]
+        if any(st is None or not st.has_min_max for st in stats):
+            return None
+        found.add((stats[0].min, stats[0].max, stats[1].min, stats[1].max))
+    if len(found) != 1:
+        return None
+    h0, h1, w0, w1 = found.pop()
+    return (h0, w0) if h0 == h1 and w0 == w1 else None
+
+
 def label_lut(manifest: dict, merge: str) -> tuple[np.ndarray, list[str]]:
     """256-entry lookup from stored label ids to evaluated classes, and the class names.
 
@@ -220,28 +295,27 @@ class TrainInputs:
 
     lut: np.ndarray  # stored label id -> evaluated class
     classes: list[str]
-    train_dirs: list[str]
+    train_files: list[str]  # the manifest's shards of the training splits, checked
+    eval_files: list[str]
     manifest: dict
 
 
 def training_inputs(cfg: Config) -> TrainInputs:
-    """Check the shards against the config and find the training splits.
+    """Check the shards against the config and list the files of the training and evaluation
+    splits.
 
     Raises:
-        PrepareError: no readable manifest.
+        PrepareError: no readable manifest, or a listed shard missing or unreadable.
         ConfigError: one line naming the config key and the shards.
     """
     shards = cfg.data.shards
     manifest = read_manifest(shards)
     check_data(cfg, manifest)
     lut, classes = label_lut(manifest, cfg.data.merge)
-    train_dirs = [
-        storage.absolute(storage.join(shards, s))
-        for s in cfg.data.train_splits
-        if manifest["splits"].get(s, {}).get("tiles", 0)
-    ]
-    if not train_dirs:
+    train_files = dataset_files(shards, manifest, cfg.data.train_splits)
+    if not train_files:
         raise ConfigError(
             f"data.train_splits: no tiles in {list(cfg.data.train_splits)} of {shards}"
         )
-    return TrainInputs(lut, classes, train_dirs, manifest)
+    eval_files = dataset_files(shards, manifest, [cfg.data.eval_split])
+    return TrainInputs(lut, classes, train_files, eval_files, manifest)

@@ -84,7 +84,7 @@ def _wire(gx: torch.Tensor) -> np.ndarray:
 
 
 def pair_dataset(
-    path: str | list[str],
+    files: list[str],
     cfg: PairConfig,
     *,
     actors: int = 2,
@@ -92,14 +92,15 @@ def pair_dataset(
     num_cpus: float = 0.5,
     seed: int = 0,
 ):
-    """A Ray Dataset of pairs from shard folders (any pyarrow filesystem URI).
+    """A Ray Dataset of pairs from the shard ``files`` (``dataset_files``; any pyarrow
+    filesystem URI).
 
     The pool's actors take fractional CPUs so that read tasks and Train workers are not starved
     on small machines.
     """
     import ray.data
 
-    return parquet_rows(path, concurrency=max(1, actors)).map_batches(
+    return parquet_rows(files, concurrency=max(1, actors)).map_batches(
         PairMaker,
         fn_constructor_kwargs={"cfg": asdict(cfg), "seed": seed},
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -19,7 +19,13 @@ import torch
 from pipeline import storage
 from pipeline.augment import random_crops
 from pipeline.config import Config
-from pipeline.data.format import PrepareError, decode_batch, from_wire
+from pipeline.data.format import (
+    PrepareError,
+    dataset_files,
+    decode_batch,
+    from_wire,
+    read_manifest,
+)
 
 # Ray is imported inside the functions that use it, so importing this module does not load it.
 if TYPE_CHECKING:
@@ -33,21 +39,17 @@ SMALL_SHARDS_BYTES = 256 * 2**20
 DEAL_ROWS = 16
 
 
-def shard_files(dirs: Sequence[str]) -> list[str]:
-    """The Parquet shards directly under each folder of ``dirs``, folder by folder, sorted."""
-    return [f for d in dirs for f in storage.list_files(d, ".parquet")]
-
-
 def iter_tiles(
     shards: str | Path, splits: Sequence[str], batch_size: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images, labels) batches read straight from the Parquet shards of ``splits`` (one file
-    at a time, in stored order; ``decode_batch``'s arrays).
+    """(images, labels) batches read straight from the Parquet shards that the manifest lists
+    for ``splits`` (one file at a time, in stored order; ``decode_batch``'s arrays).
 
     Raises:
-        PrepareError: when none of the splits has a shard.
+        PrepareError: no readable manifest, a listed shard missing or unreadable, or no shard
+            in any of the splits.
     """
-    files = shard_files([storage.join(shards, s) for s in splits])
+    files = dataset_files(shards, read_manifest(shards), splits)
     if not files:
         raise PrepareError(f"{shards}: no shards in split(s) {list(splits)}")
     for f in files:
@@ -56,8 +58,8 @@ def iter_tiles(
                 yield decode_batch(rb.to_pydict())
 
 
-def parquet_rows(path: str | list[str], concurrency: int | None = None) -> Dataset:
-    """The shard rows under ``path`` as a streaming Ray Dataset.
+def parquet_rows(files: list[str], concurrency: int | None = None) -> Dataset:
+    """The rows of the shard ``files`` (``dataset_files``) as a streaming Ray Dataset.
 
     A quarter CPU per read task: with the workers' reservations (and a stopped Tune trial's not
     yet released) a whole CPU may never come free on a small machine, and the read would wait.
@@ -66,12 +68,13 @@ def parquet_rows(path: str | list[str], concurrency: int | None = None) -> Datas
     """
     import ray.data
 
-    return ray.data.read_parquet(path, num_cpus=0.25, concurrency=concurrency)
+    return ray.data.read_parquet(files, num_cpus=0.25, concurrency=concurrency)
 
 
-def rows(path: str | list[str], materialize: bool, deal_seed: int | None = None) -> Dataset:
-    """Raw shard rows as a Ray Dataset; materialised, every pass after the first costs a
-    fraction of a second instead of a new read-and-decode pipeline (~5 s on 2 cores).
+def rows(files: list[str], materialize: bool, deal_seed: int | None = None) -> Dataset:
+    """Raw rows of the shard ``files`` (``dataset_files``) as a Ray Dataset; materialised,
+    every pass after the first costs a fraction of a second instead of a new read-and-decode
+    pipeline (~5 s on 2 cores).
 
     With ``deal_seed`` (training), every pass deals the rows out to the workers afresh: the
     rows are put in a random order once (seeded), cut into blocks of ``DEAL_ROWS``, and the
@@ -83,7 +86,7 @@ def rows(path: str | list[str], materialize: bool, deal_seed: int | None = None)
     import ray.data
 
     if materialize:
-        table = _small_table([path] if isinstance(path, str) else path)
+        table = _small_table(files)
         if table is not None:
             # Straight into the object store: no list/footer/read tasks, whose processes cost
             # ~10 s of start-up per run on a small machine for a few MB of tiles.
@@ -92,7 +95,7 @@ def rows(path: str | list[str], materialize: bool, deal_seed: int | None = None)
             table = table.take(np.random.default_rng(deal_seed).permutation(len(table)))
             blocks = [table.slice(i, DEAL_ROWS) for i in range(0, len(table), DEAL_ROWS)]
             return ray.data.from_arrow(blocks).randomize_block_order(seed=_pass_seed(deal_seed))
-    ds = parquet_rows(path)
+    ds = parquet_rows(files)
     if not materialize:
         return ds
     ds = ds.materialize()
@@ -108,11 +111,10 @@ def _pass_seed(seed: int) -> RandomSeedConfig:
     return RandomSeedConfig(seed=seed, reseed_after_execution=True)
 
 
-def _small_table(dirs: list[str]):
-    """The rows of every shard under ``dirs`` as one Arrow table, or None above the size limit."""
+def _small_table(files: list[str]):
+    """The rows of ``files`` as one Arrow table, or None above the size limit."""
     import pyarrow as pa
 
-    files = shard_files(dirs)
     if not files or sum(storage.size(f) for f in files) > SMALL_SHARDS_BYTES:
         return None
     tables = []
@@ -161,4 +163,5 @@ def shard_batches(
         yield {
             "x": torch.from_numpy(np.ascontiguousarray(images)).to(device),
             "label": torch.from_numpy(labels).to(device),
+            "tile_id": [str(t) for t in raw["tile_id"]],  # for messages about the batch
         }

@@ -48,14 +48,16 @@ def _write(
 ) -> dict:
     """parts: (stem, split, tiles). Each part is committed as a whole or not at all; ``bad``:
     inputs already skipped."""
-    writer = ShardWriter(out, n_classes, opts.rows_per_shard, opts.compression)
-    for stem, split, tiles in parts:
-        with writer.source(stem, stem):
-            for tile in tiles:
-                writer.add(tile, split)
-    for b in bad:
-        writer.skip(b["file"], b["error"])
-    return writer.finish(meta, opts.skip_bad)
+    with ShardWriter(
+        out, n_classes, opts.rows_per_shard, opts.compression, opts.overwrite
+    ) as writer:
+        for stem, split, tiles in parts:
+            with writer.source(stem, stem):
+                for tile in tiles:
+                    writer.add(tile, split)
+        for b in bad:
+            writer.skip(b["file"], b["error"])
+        return writer.finish(meta, opts.skip_bad)
 
 
 # ------------------------------------------------------------------------------------- digits

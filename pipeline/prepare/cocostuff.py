@@ -149,71 +149,75 @@ def prepare_cocostuff(
     lut = subset_lut(subset)
     wanted = None if ids is None else set(ids.read_text().split())
     counts = {"seen": 0, "kept": 0, "too_few_target": 0, "too_small": 0}
-    writer = ShardWriter(out, len(SUBSETS[subset]), opts.rows_per_shard, opts.compression)
-    found = False
-    for folder, split in (("train2017", "train"), ("val2017", "test")):
-        image_dir, label_dir = src / "images" / folder, src / "stuffthingmaps_trainval2017" / folder
-        if not image_dir.is_dir():
-            continue
-        found = True
-        with writer.source(f"cocostuff{subset}-{folder}", str(image_dir)):
-            for image in sorted(image_dir.glob("*.jpg")):
-                counts["seen"] += 1
-                if wanted is not None and image.stem not in wanted:
-                    continue
-                label = label_dir / f"{image.stem}.png"
-                try:
-                    rgb, fine = _load(image, label)
-                except PrepareError as err:
-                    writer.skip(str(image), str(err))
-                    continue
-                tile = _curate(
-                    rgb,
-                    lut[fine],
-                    wanted is not None,
-                    prescale,
-                    min_target,
-                    min_side,
-                    opts.tile,
-                    counts,
-                )
-                if tile is not None:
-                    img, lab = tile
-                    writer.add(
-                        Tile(
-                            tile_id=image.stem,
-                            source=str(image.relative_to(src)),
-                            row_off=0,
-                            col_off=0,
-                            src_height=fine.shape[0],
-                            src_width=fine.shape[1],
-                            image=img,
-                            label=lab,
-                            label_source=str(label.relative_to(src)),
-                        ),
-                        split,
+    n = len(SUBSETS[subset])
+    with ShardWriter(out, n, opts.rows_per_shard, opts.compression, opts.overwrite) as writer:
+        found = False
+        for folder, split in (("train2017", "train"), ("val2017", "test")):
+            image_dir, label_dir = (
+                src / "images" / folder,
+                src / "stuffthingmaps_trainval2017" / folder,
+            )
+            if not image_dir.is_dir():
+                continue
+            found = True
+            with writer.source(f"cocostuff{subset}-{folder}", str(image_dir)):
+                for image in sorted(image_dir.glob("*.jpg")):
+                    counts["seen"] += 1
+                    if wanted is not None and image.stem not in wanted:
+                        continue
+                    label = label_dir / f"{image.stem}.png"
+                    try:
+                        rgb, fine = _load(image, label)
+                    except PrepareError as err:
+                        writer.skip(str(image), str(err))
+                        continue
+                    tile = _curate(
+                        rgb,
+                        lut[fine],
+                        wanted is not None,
+                        prescale,
+                        min_target,
+                        min_side,
+                        opts.tile,
+                        counts,
                     )
-                    counts["kept"] += 1
-    if not found:
-        raise PrepareError(
-            f"{src}: no images/train2017 or images/val2017 folder (expected the "
-            "COCO-Stuff 164k layout)"
-        )
-    meta = {
-        "dataset": f"cocostuff{subset}",
-        "bands": 3,
-        "band_names": ["R", "G", "B"],
-        "classes": list(SUBSETS[subset]),
-        "ignore_index": IGNORE_INDEX,
-        "curation": {
-            "prescale": prescale,
-            "min_target": min_target,
-            "min_side": min_side,
-            "ids": str(ids) if ids else None,
-            **counts,
-        },
-    }
-    return writer.finish(meta, opts.skip_bad)
+                    if tile is not None:
+                        img, lab = tile
+                        writer.add(
+                            Tile(
+                                tile_id=image.stem,
+                                source=str(image.relative_to(src)),
+                                row_off=0,
+                                col_off=0,
+                                src_height=fine.shape[0],
+                                src_width=fine.shape[1],
+                                image=img,
+                                label=lab,
+                                label_source=str(label.relative_to(src)),
+                            ),
+                            split,
+                        )
+                        counts["kept"] += 1
+        if not found:
+            raise PrepareError(
+                f"{src}: no images/train2017 or images/val2017 folder (expected the "
+                "COCO-Stuff 164k layout)"
+            )
+        meta = {
+            "dataset": f"cocostuff{subset}",
+            "bands": 3,
+            "band_names": ["R", "G", "B"],
+            "classes": list(SUBSETS[subset]),
+            "ignore_index": IGNORE_INDEX,
+            "curation": {
+                "prescale": prescale,
+                "min_target": min_target,
+                "min_side": min_side,
+                "ids": str(ids) if ids else None,
+                **counts,
+            },
+        }
+        return writer.finish(meta, opts.skip_bad)
 
 
 def _curate(

@@ -11,8 +11,9 @@ from pipeline.prepare.run import Source, TilingOptions, prepare_tiles
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
-def find_images(src: Path) -> tuple[list[Source], list[dict]]:
-    """Images under ``src`` (recursively) and the non-image files found beside them.
+def find_images(src: Path, exclude: Path | None = None) -> tuple[list[Source], list[dict]]:
+    """Images under ``src`` (recursively) and the non-image files found beside them; nothing
+    under ``exclude`` (the output folder, when it lies inside ``src``).
 
     Raises:
         PrepareError: if ``src`` is not a folder or holds no image.
@@ -20,9 +21,12 @@ def find_images(src: Path) -> tuple[list[Source], list[dict]]:
     if not src.is_dir():
         raise PrepareError(f"{src}: not a folder")
     sources, bad = [], []
+    skip = exclude.resolve() if exclude else None
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         if any(part.startswith(".") for part in path.relative_to(src).parts):
-            continue  # hidden files (.DS_Store, editors' swap files) are not imagery
+            continue  # hidden files (.DS_Store, editors' swap files, a prepare's staging)
+        if skip and path.resolve().is_relative_to(skip):
+            continue  # the dataset being replaced is not imagery
         if path.suffix.lower() in IMAGE_SUFFIXES:
             sources.append(Source(path))
         else:
@@ -43,7 +47,7 @@ def prepare_folder(src: Path, out: Path, opts: TilingOptions, bands: int | None 
     """
     if bands is not None and bands < 1:
         raise PrepareError(f"--bands must be >= 1, got {bands}")
-    sources, bad = find_images(src)
+    sources, bad = find_images(src, exclude=out)
     if bands is None:
         for s in sources:
             try:

@@ -110,9 +110,14 @@ def find_sources(src: Path, variant: str, labels: str) -> tuple[list[Source], li
 
 
 def prepare_potsdam(
-    src: Path, out: Path, opts: TilingOptions, variant: str = "rgb", labels: str = "noboundary"
+    src: Path,
+    out: Path,
+    opts: TilingOptions,
+    variant: str = "rgb",
+    labels: str = "noboundary",
+    extra: dict | None = None,
 ) -> dict:
-    """Tile a Potsdam release into shards; returns the manifest.
+    """Tile a Potsdam release into shards; returns the manifest (with ``extra`` in it).
 
     Raises:
         PrepareError / BadFilesError: see ``prepare_tiles``.
@@ -132,7 +137,7 @@ def prepare_potsdam(
         "merges": {"potsdam3": {"map": list(POTSDAM3), "classes": list(POTSDAM3_CLASSES)}},
         "labels": labels,
         "sources": len(sources),
-    }
+    } | (extra or {})
     return prepare_tiles(
         sources,
         out,

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from pipeline import IGNORE_INDEX
@@ -37,6 +38,7 @@ class TilingOptions:
     compression: str = "lz4"
     skip_bad: bool = False
     progress: bool = True
+    overwrite: bool = False  # replace a dataset already in OUT
 
     def __post_init__(self) -> None:
         if self.tile < 1 or self.stride < 1:
@@ -99,56 +101,72 @@ def prepare_tiles(
         BadFilesError: if any file was skipped and ``opts.skip_bad`` is false (the manifest,
             listing them, is written first).
     """
-    writer = ShardWriter(out, n_classes, opts.rows_per_shard, opts.compression)
-    for bad in bad_files:
-        writer.skip(bad["file"], bad["error"])
-    plans: list[tuple[Source, TileGrid]] = []
-    for src in sources:
-        try:
-            _, height, width = raster_info(src.image)
-        except PrepareError as err:
-            writer.skip(str(src.image), str(err))
-            continue
-        grid = TileGrid(height, width, opts.tile, opts.stride, opts.scale)
-        if len(grid) == 0:
-            writer.skip(
-                str(src.image),
-                f"{src.image}: {grid.out_width}x{grid.out_height} pixels (after --downscale), "
-                f"smaller than one {opts.tile}-pixel tile",
+    with ShardWriter(
+        out, n_classes, opts.rows_per_shard, opts.compression, opts.overwrite
+    ) as writer:
+        for bad in bad_files:
+            writer.skip(bad["file"], bad["error"])
+        plans: list[tuple[Source, TileGrid]] = []
+        for src in sources:
+            try:
+                _, height, width = raster_info(src.image)
+            except PrepareError as err:
+                writer.skip(str(src.image), str(err))
+                continue
+            grid = TileGrid(height, width, opts.tile, opts.stride, opts.scale)
+            if len(grid) == 0:
+                writer.skip(
+                    str(src.image),
+                    f"{src.image}: {grid.out_width}x{grid.out_height} pixels (after --downscale), "
+                    f"smaller than one {opts.tile}-pixel tile",
+                )
+                continue
+            plans.append((src, grid))
+        non_finite: dict[str, int] = {}  # source -> tiles dropped for NaN/inf pixels
+        bar = tqdm(
+            total=sum(len(g) for _, g in plans),
+            unit="tile",
+            desc="tiling",
+            disable=None if opts.progress else True,
+        )
+        for src, grid in plans:
+            name = str(src.image.relative_to(root)) if root else str(src.image)
+            label_name = str(src.label.relative_to(root)) if (root and src.label) else None
+            with writer.source(_shard_stem(src.image, root), str(src.image)):
+                for tile in iter_tiles(
+                    src.image,
+                    grid,
+                    label_path=src.label,
+                    label_fn=label_fn,
+                    expect_bands=expect_bands,
+                    source_name=name,
+                    label_name=label_name,
+                ):
+                    bar.update()
+                    if tile.image.dtype.kind == "f" and not np.isfinite(tile.image).all():
+                        # NaN or inf pixels (float imagery's nodata) would make every loss
+                        # NaN: such tiles are dropped, and counted per file in the manifest.
+                        non_finite[name] = non_finite.get(name, 0) + 1
+                        continue
+                    writer.add(tile, assign_split(tile, opts.seed, opts.test_fraction))
+        bar.close()
+        params = {
+            "tile": opts.tile,
+            "stride": opts.stride,
+            "scale": opts.scale,
+            "test_fraction": opts.test_fraction,
+            "seed": opts.seed,
+        }
+        extra = late_meta() if late_meta else {}
+        if non_finite:
+            extra["non_finite_tiles"] = {"dropped": sum(non_finite.values()), "files": non_finite}
+            log.warning(
+                "%d tile(s) with NaN or inf pixels dropped, from %d file(s) (listed in the "
+                "manifest's non_finite_tiles)",
+                sum(non_finite.values()),
+                len(non_finite),
             )
-            continue
-        plans.append((src, grid))
-    bar = tqdm(
-        total=sum(len(g) for _, g in plans),
-        unit="tile",
-        desc="tiling",
-        disable=None if opts.progress else True,
-    )
-    for src, grid in plans:
-        name = str(src.image.relative_to(root)) if root else str(src.image)
-        label_name = str(src.label.relative_to(root)) if (root and src.label) else None
-        with writer.source(_shard_stem(src.image, root), str(src.image)):
-            for tile in iter_tiles(
-                src.image,
-                grid,
-                label_path=src.label,
-                label_fn=label_fn,
-                expect_bands=expect_bands,
-                source_name=name,
-                label_name=label_name,
-            ):
-                writer.add(tile, assign_split(tile, opts.seed, opts.test_fraction))
-                bar.update()
-    bar.close()
-    params = {
-        "tile": opts.tile,
-        "stride": opts.stride,
-        "scale": opts.scale,
-        "test_fraction": opts.test_fraction,
-        "seed": opts.seed,
-    }
-    extra = late_meta() if late_meta else {}
-    return writer.finish({**meta, **extra, "tiling": params}, opts.skip_bad)
+        return writer.finish({**meta, **extra, "tiling": params}, opts.skip_bad)
 
 
 def _shard_stem(path: Path, root: Path | None) -> str:

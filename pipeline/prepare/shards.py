@@ -1,17 +1,19 @@
 """Writing a prepared dataset: Parquet shards per source file, then the manifest.
 
-Shards are per source file: a file's tiles are staged under temporary names and renamed into place
-only when the whole file has been read (``ShardWriter.source``), so a file that fails half way (a
-truncated TIFF) leaves nothing behind and is listed as bad, and no reader ever sees a partial
-shard. The manifest is written last, also via a temporary name. The row format and the layout
-are ``pipeline.data.format``'s.
+The whole dataset is built in a hidden folder beside OUT (``.OUT.preparing``) and renamed to
+OUT only when complete, so a killed or failed prepare leaves OUT as it was: absent, or the
+previous dataset intact (replaced only with ``--overwrite``). Within it, a file's tiles are
+staged under temporary names and renamed into place only when the whole file has been read
+(``ShardWriter.source``), so a file that fails half way (a truncated TIFF) leaves nothing behind
+and is listed as bad. The manifest is written last. The row format and the layout are
+``pipeline.data.format``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline import IGNORE_INDEX
 from pipeline.data.format import MANIFEST, SCHEMA, SPLITS, PrepareError, Tile
-from pipeline.storage import write_json_atomic
+from pipeline.storage import live_holder, owner_line, write_json_atomic
 
 log = logging.getLogger(__name__)
 COMPRESSIONS = ("lz4", "zstd", "snappy", "none")
@@ -62,9 +64,65 @@ class SplitStats:
             self.class_pixels = [a + b for a, b in zip(mine, other.class_pixels, strict=True)]
 
 
+def _staging(out: Path) -> Path:
+    return out.parent / f".{out.name}.preparing"
+
+
+def _replaced(out: Path) -> Path:
+    return out.parent / f".{out.name}.replaced"
+
+
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """OUT can take a new dataset: absent, empty, or (with ``overwrite``) a prepared dataset.
+
+    Also finishes what a killed prepare left: a swap cut between its two renames is completed
+    or undone, and a staging folder whose writer is gone is removed.
+
+    Raises:
+        PrepareError: OUT holds something else, a dataset without ``overwrite``, or another
+            prepare is writing it.
+    """
+    out = Path(out)
+    replaced, staging = _replaced(out), _staging(out)
+    if replaced.is_dir():
+        if out.exists():
+            shutil.rmtree(replaced)  # the new dataset is in place; the old one was not removed
+        else:
+            replaced.rename(out)  # killed between the renames: the previous dataset returns
+    if staging.is_dir():
+        owner = _owner(staging)
+        if owner:
+            raise PrepareError(f"{out}: another `iid prepare` ({owner}) is writing it")
+        log.info("removing %s, left by a prepare that did not finish", staging)
+        shutil.rmtree(staging)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise PrepareError(
+                f"{out}: not empty and holds no prepared dataset (no {MANIFEST}); "
+                "give a new or empty folder"
+            )
+        if not overwrite:
+            raise PrepareError(
+                f"{out}: holds a prepared dataset; pass --overwrite to replace it (the old "
+                "one stays until the new one is complete)"
+            )
+
+
+def _owner(staging: Path) -> str:
+    """The live prepare writing ``staging`` (``storage.live_holder``), or "" when it is gone."""
+    try:
+        return live_holder((staging / ".owner").read_text())
+    except OSError:
+        return ""
+
+
 class ShardWriter:
     """Writes tiles to per-file Parquet shards, committing a source file's shards atomically,
-    and the manifest, listing every file that was skipped.
+    and the manifest, listing every file that was skipped; the dataset appears at ``out`` only
+    when ``finish`` succeeds. Use as a context manager: a block that raises leaves ``out`` as
+    it was and removes the staging folder.
 
     Args:
         out: dataset folder.
@@ -72,29 +130,37 @@ class ShardWriter:
         rows_per_shard: tiles per Parquet file.
         compression: Parquet codec; lz4 is the fastest to write and to read back in training,
             zstd the smallest.
+        overwrite: replace a dataset already at ``out``.
 
     Raises:
-        PrepareError: if ``out`` cannot be created or written.
+        PrepareError: if ``out`` cannot take the dataset (``check_output``) or cannot be
+            written.
     """
 
     def __init__(
-        self, out: Path, n_classes: int, rows_per_shard: int = 256, compression: str = "lz4"
+        self,
+        out: Path,
+        n_classes: int,
+        rows_per_shard: int = 256,
+        compression: str = "lz4",
+        overwrite: bool = False,
     ):
-        self.out, self.n_classes, self.rows_per_shard = Path(out), n_classes, rows_per_shard
+        self.final, self.n_classes, self.rows_per_shard = Path(out), n_classes, rows_per_shard
         if compression not in COMPRESSIONS:
             raise PrepareError(f"--compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.compression = compression
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._writes: list[Future] = []
+        check_output(self.final, overwrite)
+        self.out = _staging(self.final)
         try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            self.out.mkdir(parents=True)
+            (self.out / ".owner").write_text(owner_line() + "\n")
         except OSError as err:
             raise PrepareError(
-                f"{self.out}: output folder is not writable ({err.strerror})"
+                f"{self.final}: output folder is not writable ({err.strerror})"
             ) from err
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._writes: list[Future] = []
+        self._published = False
         self.stats = {split: SplitStats() for split in SPLITS}
         self.shards: list[dict] = []
         self._staged: list[tuple[Path, Path, dict]] = []
@@ -102,6 +168,22 @@ class ShardWriter:
         self._stem = ""
         self._file_stats: dict[str, SplitStats] = {}
         self.bad: list[dict] = []  # {"file", "error"} of every skipped input
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        """Drop everything written (a failed or interrupted prepare); ``out`` is untouched."""
+        if self._published:
+            return  # in place already (BadFilesError comes after the swap)
+        with contextlib.suppress(Exception):
+            self._wait()
+        self._pool.shutdown(wait=True)
+        shutil.rmtree(self.out, ignore_errors=True)
 
     @contextlib.contextmanager
     def source(self, stem: str, name: str) -> Iterator[None]:
@@ -206,15 +288,29 @@ class ShardWriter:
             "bad_files": list(self.bad),
             "schema": [f.name for f in SCHEMA],
         }
-        write_json_atomic(self.out / MANIFEST, manifest)
-        if self.bad and not skip_bad:
-            raise BadFilesError(
-                f"{len(self.bad)} file(s) skipped, first: {self.bad[0]['error']} (all listed "
-                f"in {self.out / MANIFEST}; pass --skip-bad to accept)"
-            )
         if not any(s.tiles for s in self.stats.values()):  # --skip-bad cannot accept nothing
             first = f", first: {self.bad[0]['error']}" if self.bad else ""
-            raise PrepareError(
-                f"{self.out}: no tile written ({len(self.bad)} file(s) skipped{first})"
+            raise (BadFilesError if self.bad else PrepareError)(
+                f"{self.final}: no tile written ({len(self.bad)} file(s) skipped{first})"
+            )
+        write_json_atomic(self.out / MANIFEST, manifest)
+        self._swap()
+        if self.bad and not skip_bad:
+            # The dataset is complete and its manifest says what it lacks: it is in place, and
+            # the exit status says that files were lost.
+            raise BadFilesError(
+                f"{len(self.bad)} file(s) skipped, first: {self.bad[0]['error']} (all listed "
+                f"in {self.final / MANIFEST}; pass --skip-bad to accept)"
             )
         return manifest
+
+    def _swap(self) -> None:
+        """The staged dataset becomes ``out``; a previous one is removed only after."""
+        self._pool.shutdown(wait=True)
+        (self.out / ".owner").unlink()
+        replaced = _replaced(self.final)
+        if self.final.exists():
+            self.final.rename(replaced)
+        self.out.rename(self.final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        self.out, self._published = self.final, True

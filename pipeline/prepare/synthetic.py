@@ -22,7 +22,6 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from pipeline.prepare.potsdam import COLOURS, POTSDAM3
-from pipeline.storage import write_json_atomic
 
 IMPERVIOUS, BUILDING, LOW_VEG, TREE, CAR = 0, 1, 2, 3, 4
 MIN_SCENE = 256
@@ -256,8 +255,8 @@ def supervised_accuracy(img: np.ndarray, cls: np.ndarray, context: bool, seed: i
     y = np.array(POTSDAM3, dtype=np.int64)[cls].ravel()
     half = x.shape[0] // 2
     rng = np.random.default_rng(seed)
-    train = rng.choice(half, 60_000, replace=False)
-    test = half + rng.choice(x.shape[0] - half, 60_000, replace=False)
+    train = rng.choice(half, min(half, 60_000), replace=False)  # all of a small scene
+    test = half + rng.choice(x.shape[0] - half, min(x.shape[0] - half, 60_000), replace=False)
     model = HistGradientBoostingClassifier(max_iter=100, random_state=seed)
     model.fit(x[train], y[train])
     return float((model.predict(x[test]) == y[test]).mean())
@@ -270,17 +269,20 @@ def prepare_synthetic(
     through the Potsdam path; the baselines are recorded in the manifest.
     """
     from pipeline.prepare.potsdam import prepare_potsdam
+    from pipeline.prepare.shards import check_output
 
+    check_output(out / "shards", opts.overwrite)  # before the scene is generated
     img, cls = write_scene_tile(out / "raw", spec, spec.tiles[0])
     for tile in spec.tiles[1:]:
         write_scene_tile(out / "raw", spec, tile)
-    manifest = prepare_potsdam(out / "raw", out / "shards", opts, variant="rgb")
-    if baselines:
-        manifest["baselines_potsdam3"] = {
+    extra = {
+        "synthetic": {"size": spec.size, "seed": spec.seed, "tiles": [list(t) for t in spec.tiles]}
+    }
+    if baselines:  # before the shards: the manifest is written once, whole
+        extra["baselines_potsdam3"] = {
             "kmeans_on_pixel_colour_acc": round(colour_kmeans_accuracy(img, cls, spec.seed), 4),
             "supervised_pixel_colour_acc": round(supervised_accuracy(img, cls, False), 4),
             "supervised_colour_and_context_acc": round(supervised_accuracy(img, cls, True), 4),
         }
-    manifest["synthetic"] = {"size": spec.size, "seed": spec.seed, "tiles": list(spec.tiles)}
-    write_json_atomic(out / "shards" / "manifest.json", manifest)
+    manifest = prepare_potsdam(out / "raw", out / "shards", opts, variant="rgb", extra=extra)
     return manifest

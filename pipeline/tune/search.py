@@ -36,7 +36,7 @@ from pipeline import checkpoint, storage, tracking
 from pipeline.config import Config, ConfigError, PairConfig, Record
 from pipeline.data.format import check_data, training_inputs
 from pipeline.plots import plot_trials
-from pipeline.train import launch, make_job, start_ray
+from pipeline.train import check_cluster, launch, make_job, start_ray
 from pipeline.tune.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ def run_search(
         )
     uri = tracking.resolve_uri(cfg.run.tracking_uri)
     tracking.check_reachable(uri)
+    check_cluster()
     folder = storage.join(storage.absolute(cfg.run.storage_path), opts.name)
     if storage.is_file(storage.join(folder, SEARCH_FILE)):
         raise ConfigError(
@@ -209,7 +210,13 @@ def run_search(
     storage.write_json_atomic(storage.join(folder, SEARCH_FILE), record.to_dict())
     start_ray()
     _checkpoint_often()
-    tuner = ray.tune.Tuner(
+    return summarise(record, _new_tuner(record, space).fit())
+
+
+def _new_tuner(record: SearchRecord, space: SearchSpace):
+    """The Tuner of a search that has not started (or was killed before Tune saved a state)."""
+    cfg, opts = Config.from_dict(record.base), record.options
+    return ray.tune.Tuner(
         _trainable(record),
         param_space=space.to_ray(),
         tune_config=ray.tune.TuneConfig(
@@ -227,13 +234,12 @@ def run_search(
         ),
         run_config=ray.tune.RunConfig(
             name=opts.name,
-            storage_path=storage.absolute(cfg.run.storage_path),
+            storage_path=record.folder.rstrip("/").rsplit("/", 1)[0],  # the folder's parent
             callbacks=[Progress()],
             verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),
     )
-    return summarise(record, tuner.fit())
 
 
 def resume_search(path: str | Path) -> SearchOutcome:
@@ -256,11 +262,16 @@ def resume_search(path: str | Path) -> SearchOutcome:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{folder}/{SEARCH_FILE}: not valid JSON ({err.msg})") from err
     tracking.check_reachable(record.tracking_uri)
-    if not ray.tune.Tuner.can_restore(folder):
-        raise ConfigError(f"--resume {path}: no Tune state to restore (did the search start?)")
     start_ray()
     _checkpoint_often()
-    tuner = ray.tune.Tuner.restore(folder, _trainable(record), resume_unfinished=True)
+    if ray.tune.Tuner.can_restore(folder):
+        tuner = ray.tune.Tuner.restore(folder, _trainable(record), resume_unfinished=True)
+    else:
+        # Killed after search.json but before Tune saved its first state: nothing of it ran
+        # to a record, so it starts from search.json as it would have.
+        log.info("search %s: no Tune state yet; starting it from %s", folder, SEARCH_FILE)
+        space = parse_space(record.space, Config.from_dict(record.base).to_dict(), SEARCH_FILE)
+        tuner = _new_tuner(record, space)
     return summarise(record, tuner.fit())
 
 
@@ -327,7 +338,7 @@ def run_trial(config: dict, search: SearchRecord) -> None:
     job = make_job(cfg, inputs, search.tracking_uri, run_id, search.eval_pairs)
     # Tune ends this actor as soon as the last epoch is reported (or ASHA stops the trial), so
     # nothing after launch() is sure to run: the driver closes the child runs in summarise().
-    launch(job, inputs.train_dirs, callbacks=[TuneReportCallback()])
+    launch(job, inputs, callbacks=[TuneReportCallback()])
 
 
 def _finished_history(run_dir: str, epochs: int) -> list[dict]:
