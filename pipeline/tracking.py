@@ -125,12 +125,12 @@ class EpochLogger:
 
 def set_status(uri: str, run_id: str, status: str, note: str = "") -> None:
     """Set the run's MLflow status (``RUNNING`` while training, then ``FINISHED``, ``FAILED``
-    or ``KILLED``); ``note`` goes to the tag ``iid.status_note`` (what ended or resumed it)."""
+    or ``KILLED``); ``note`` (what ended or resumed it; the status itself if empty) goes to
+    the tag ``iid.status_note``."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
-    if note:
-        client.set_tag(run_id, "iid.status_note", note)
+    client.set_tag(run_id, "iid.status_note", note or status.lower())
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")
     else:

@@ -313,6 +313,9 @@ def launch(job: Job, inputs: TrainInputs, callbacks: Sequence = ()) -> Result:
     )
     try:
         return trainer.fit()
+    except SystemExit as err:
+        # Ray Train's own SIGINT handler aborts the run's controller, then exits: a Ctrl-C.
+        raise KeyboardInterrupt from err
     except ray.train.TrainingFailedError as err:
         raise _worker_error(err) from err
 

@@ -400,13 +400,16 @@ def test_cli_train_bad_config_is_one_line(tmp_path):
     [
         (KeyboardInterrupt, 130, "KILLED", "interrupted; the same command resumes run 't' from"),
         (RuntimeError("training failed: worker lost"), 2, "FAILED", "training failed: worker"),
+        # Ray Train's own SIGINT handler aborts the controller and exits from inside fit().
+        (SystemExit(0), 130, "KILLED", "interrupted; the same command resumes run 't' from"),
     ],
-    ids=["ctrl-c", "failure"],
+    ids=["ctrl-c", "failure", "ray-sigint"],
 )
 def test_an_interrupted_or_failed_run_ends_killed_or_failed_and_frees_its_name(
     stop, code, status, line, shards, tmp_path, ray_cluster, monkeypatch, capsys
 ):
-    """Training stopped where the driver waits on it (``launch``): the MLflow run is ended with
+    """Training stopped where the driver waits on it (``launch``, or Ray's ``fit`` inside it,
+    where Ray Train's SIGINT handler exits): the MLflow run is ended with
     the matching status, the CLI says one line, and the run name is free for the rerun."""
     import yaml
 
@@ -416,10 +419,15 @@ def test_an_interrupted_or_failed_run_ends_killed_or_failed_and_frees_its_name(
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config(shards, tmp_path).to_dict()))
 
-    def stopped(job, inputs, callbacks=()):
+    def stopped(*args, **kwargs):
         raise stop
 
-    monkeypatch.setattr(train, "launch", stopped)
+    if isinstance(stop, SystemExit):  # where Ray's handler raises it: the real launch() around
+        from ray.train.torch import TorchTrainer
+
+        monkeypatch.setattr(TorchTrainer, "fit", stopped)
+    else:
+        monkeypatch.setattr(train, "launch", stopped)
     assert cli_main(["train", "--config", str(path)]) == code
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0], err
