@@ -137,6 +137,14 @@ def set_status(uri: str, run_id: str, status: str, note: str = "") -> None:
         client.set_terminated(run_id, status)
 
 
+def mark_killed_driver(uri: str, run_id: str, lock_line: str) -> None:
+    """Record on the run that a driver of it was killed (the lock line it left: host, pid,
+    start time); kept whatever status the resumed run ends with."""
+    import mlflow
+
+    mlflow.MlflowClient(uri).set_tag(run_id, "iid.killed_driver", lock_line)
+
+
 def mark_finished(uri: str, run_id: str) -> None:
     """Tag the run ``status: finished`` (its training reached the last epoch)."""
     import mlflow

@@ -350,6 +350,8 @@ def fit(cfg: Config) -> Result:
         # The MLflow run is created here, before any worker starts (SQLite schema races), and
         # reused when the same run name is trained again.
         job = make_job(cfg, inputs, uri, tracking.run_for(uri, cfg, run_dir))
+        if killed:
+            tracking.mark_killed_driver(uri, job.run_id, killed)
         note = f"resumed after its driver was killed ({killed})" if killed else ""
         tracking.set_status(uri, job.run_id, "RUNNING", note)
         try:
