@@ -197,9 +197,10 @@ def live_holder(line: str) -> str:
 def lock(location: str | Path) -> Iterator[str]:
     """Hold the lock file ``location`` while the block runs, and remove it after.
 
-    Locally the file is created atomically (``O_EXCL``), so of two processes starting at once
-    exactly one wins. On object stores there is no atomic create: the check and the write are
-    two requests, so two starts within the same second may both proceed.
+    Locally the file is created atomically (written whole, then hard-linked into place: the
+    link fails if the file exists), so of two processes starting at once exactly one wins. On
+    object stores there is no atomic create: the check and the write are two requests, so two
+    starts within the same second may both proceed.
 
     Yields:
         The line of a holder that is gone (a killed process) whose lock was taken over, or "".

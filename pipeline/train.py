@@ -197,12 +197,12 @@ def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, ev: Evaluation) -> di
 
 # ------------------------------------------------------------------------------- the driver
 def start_ray() -> None:
-    """Join the cluster ``RAY_ADDRESS`` names, or start a local one (the default)."""
+    """Join the cluster ``RAY_ADDRESS`` names, or start a local one (the default); callers
+    check the address first (``check_cluster``), before anything else starts."""
     import ray
     import ray.data
 
     if not ray.is_initialized():
-        check_cluster()
         # Workers' log lines (Ray Data progress bars, controller notices) reach the terminal
         # only with -v; a failure still arrives as the exception fit() raises.
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)

@@ -186,7 +186,7 @@ def dataset_files(shards: str | Path, manifest: dict, splits: Sequence[str]) -> 
     with ThreadPoolExecutor(max_workers=8) as pool:  # footers of remote shards: one GET each
         footers = list(pool.map(_footer, paths))
     tile = manifest.get("tiling", {}).get("tile")
-    sizes = set()
+    expected = (tile, tile) if tile else None  # else the first recorded size: one for all
     for info, path, (meta, error) in zip(listed, paths, footers, strict=True):
         if error:
             raise PrepareError(f"{path}: {error} (listed in {storage.join(shards, MANIFEST)})")
@@ -198,14 +198,13 @@ def dataset_files(shards: str | Path, manifest: dict, splits: Sequence[str]) -> 
                 f"{path}: {meta.num_rows} rows, the manifest says {info['rows']} "
                 "(the file was replaced after prepare; prepare again)"
             )
-        size = _tile_size(meta)
-        if size and tile and size != (tile, tile) or sizes and size and size not in sizes:
-            expected = (tile, tile) if tile else next(iter(sizes))
+        size = _tile_size(meta, names)
+        expected = expected or size
+        if size and size != expected:
             raise PrepareError(
                 f"{path}: {size[0]}x{size[1]} tiles, expected {expected[0]}x{expected[1]} "
                 "(the file was replaced after prepare; prepare again)"
             )
-        sizes |= {size} if size else set()
     return paths
 
 
@@ -220,10 +219,9 @@ def _footer(path: str) -> tuple[pq.FileMetaData | None, str]:
         return None, f"not a readable Parquet file ({str(err).splitlines()[0][:200]})"
 
 
-def _tile_size(meta: pq.FileMetaData) -> tuple[int, int] | None:
-    """(height, width) of the file's tiles from the footer's statistics, None when not
-    recorded or when tiles of several sizes share the file."""
-    names = meta.schema.to_arrow_schema().names
+def _tile_size(meta: pq.FileMetaData, names: list[str]) -> tuple[int, int] | None:
+    """(height, width) of the file's tiles from the footer's statistics (``names``: its
+    columns), None when not recorded or when tiles of several sizes share the file."""
     found = set()
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)

@@ -262,6 +262,7 @@ def resume_search(path: str | Path) -> SearchOutcome:
     except json.JSONDecodeError as err:
         raise ConfigError(f"{folder}/{SEARCH_FILE}: not valid JSON ({err.msg})") from err
     tracking.check_reachable(record.tracking_uri)
+    check_cluster()
     start_ray()
     _checkpoint_often()
     if ray.tune.Tuner.can_restore(folder):
