@@ -82,7 +82,7 @@ class InMemoryTiles:
         order = self.rng.permutation(len(self.images))
         for i in range(0, len(order), self.batch):
             idx = order[i : i + self.batch]
-            x, y = random_crops(self.images[idx], self.labels[idx], self.crop, self.rng)
+            x, y, _ = random_crops(self.images[idx], self.labels[idx], self.crop, self.rng)
             yield {"x": torch.from_numpy(np.ascontiguousarray(x)), "label": torch.from_numpy(y)}
 
 

@@ -149,6 +149,12 @@ def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.
     """
     if mode == "bilinear" and _cv2 is not None and _plain_cpu(x):
         return _warp_cv2(x, theta)
+    return _grid_warp(x, theta, mode)
+
+
+def _grid_warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """``warp`` with ``grid_sample`` (exact weights: OpenCV rounds sample positions to 1/32
+    pixel, so a weight below that can vanish there but not here)."""
     u, v = _coords(theta.to(x.dtype), x.shape[2], x.shape[3])
     grid = torch.stack([u, v], dim=-1)
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
@@ -241,32 +247,54 @@ def _pure_flips(theta: torch.Tensor) -> torch.Tensor:
     return ((theta[:, :, :2].abs() == eye).all(-1).all(-1)) & (theta[:, :, 2] == 0).all(-1)
 
 
-def make_pairs(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def make_pairs(
+    x: torch.Tensor,
+    cfg: PairConfig,
+    gen: torch.Generator,
+    valid: torch.Tensor | np.ndarray | None = None,
+) -> dict[str, torch.Tensor]:
     """Draw g for every image of a batch and apply it.
 
     Args:
         x: (n, B, H, W) images in [0, 1] (any device; ``gen`` on the same device).
         cfg: what to draw.
         gen: random generator.
+        valid: optional (n, H, W) bool, False where x has no data (nodata, padding).
 
     Returns:
         dict with ``x`` (the first view), ``gx`` (the second), ``theta`` (g's spatial matrix),
         ``inverse`` (its inverse, for ``undo``), and ``mask`` (n, H, W): pixels of the first
-        view whose counterpart lies inside the second view.
+        view whose counterpart lies inside the second view and, with ``valid``, that hold data
+        in both views (see ``_pair``).
     """
     gx, theta = _draw_view(x, cfg, gen)
     if cfg.augment_first:  # drawn after g: g, its inverse and mask do not change with it
         x, _ = _draw_view(x, cfg, gen)
-    return _pair(x, gx, theta)
+    return _pair(x, gx, theta, valid)
 
 
 def _pair(
-    x: torch.Tensor | np.ndarray, gx: torch.Tensor | np.ndarray, theta: torch.Tensor
+    x: torch.Tensor | np.ndarray,
+    gx: torch.Tensor | np.ndarray,
+    theta: torch.Tensor,
+    valid: torch.Tensor | np.ndarray | None = None,
 ) -> dict[str, torch.Tensor | np.ndarray]:
-    """The pair as both ``make_pairs`` paths return it: views, g, g's inverse and mask."""
+    """The pair as both ``make_pairs`` paths return it: views, g, g's inverse and mask.
+
+    With ``valid``, the mask also drops every pixel that is invalid in the first view, and
+    every pixel whose prediction g* brings back from a pixel of the second view that g's
+    bilinear resampling drew, with any weight, from an invalid pixel. No value of a pixel
+    without data reaches the loss, by either view.
+    """
     h, w = gx.shape[-2:]
+    inverse = invert(theta)
     mask = valid_mask(theta, h, w)
-    return {"x": x, "gx": gx, "theta": theta, "inverse": invert(theta), "mask": mask}
+    if valid is not None:
+        v = torch.as_tensor(valid, device=theta.device)
+        touched = _grid_warp((~v).unsqueeze(1).float(), theta) > 0  # in the second view
+        brought_back = _grid_warp(touched.float(), inverse)[:, 0] > 0
+        mask = mask & v & ~brought_back
+    return {"x": x, "gx": gx, "theta": theta, "inverse": inverse, "mask": mask}
 
 
 def _draw_view(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator):
@@ -300,7 +328,9 @@ def _noisy(gx: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> torch.Ten
     return gx + cfg.strength * cfg.noise * noise
 
 
-def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dict:
+def make_pairs_u8(
+    raw: np.ndarray, cfg: PairConfig, gen: torch.Generator, valid: np.ndarray | None = None
+) -> dict:
     """``make_pairs`` for 8-bit images on CPU, with OpenCV's 8-bit kernels.
 
     The same random draws, in the same order, as ``make_pairs`` with the same generator (so the
@@ -311,6 +341,7 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
         raw: (n, B, H, W) uint8 images, B <= 4 (OpenCV's per-pixel transform takes at most 4).
         cfg: what to draw.
         gen: CPU random generator.
+        valid: optional (n, H, W) bool, as ``make_pairs`` takes it.
 
     Returns:
         As ``make_pairs``, with ``x`` the input itself (unless ``cfg.augment_first``) and
@@ -327,7 +358,7 @@ def make_pairs_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator) -> dic
         )
     gx, theta = _draw_view_u8(raw, cfg, gen)
     x = _draw_view_u8(raw, cfg, gen)[0] if cfg.augment_first else raw
-    return _pair(x, gx, theta)
+    return _pair(x, gx, theta, valid)
 
 
 def _draw_view_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator):
@@ -380,29 +411,40 @@ def _jitter_planes(img: np.ndarray, t: np.ndarray, rgb_bands: tuple[int, ...]) -
 
 
 def random_crops(
-    images: np.ndarray, labels: np.ndarray | None, size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The same random square window of each image (n, B, H, W) and its label (n, H, W)."""
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    size: int,
+    rng: np.random.Generator,
+    valid: np.ndarray | None = None,
+    tries: int = 8,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """The same random square window of each image (n, B, H, W), its label (n, H, W) and its
+    valid mask (n, H, W).
+
+    With a valid mask, a window holding no valid pixel (all padding or nodata) is drawn again,
+    up to ``tries`` times: a batch of such windows would have nothing to learn from.
+    """
     n, _, h, w = images.shape
     if size == 0 or (size == h and size == w):
-        return images, labels
+        return images, labels, valid
     if size > min(h, w):
         raise ValueError(f"pairs.crop {size} is larger than the {h}x{w} tiles")
     ys, xs = rng.integers(0, h - size + 1, n), rng.integers(0, w - size + 1, n)
-    img = np.stack(
-        [
-            images[i, :, y : y + size, x : x + size]
-            for i, (y, x) in enumerate(zip(ys, xs, strict=True))
-        ]
-    )
-    lab = (
-        None
-        if labels is None
-        else np.stack(
+    if valid is not None:
+        for i in range(n):
+            for _ in range(tries):
+                if valid[i, ys[i] : ys[i] + size, xs[i] : xs[i] + size].any():
+                    break
+                ys[i], xs[i] = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
+
+    def cut(a: np.ndarray | None) -> np.ndarray | None:
+        if a is None:
+            return None
+        return np.stack(
             [
-                labels[i, y : y + size, x : x + size]
+                a[i, ..., y : y + size, x : x + size]
                 for i, (y, x) in enumerate(zip(ys, xs, strict=True))
             ]
         )
-    )
-    return img, lab
+
+    return cut(images), cut(labels), cut(valid)

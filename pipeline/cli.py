@@ -169,6 +169,7 @@ _TILING_FLAGS = {
     "compression": "compression",
     "skip_bad": "skip_bad",
     "overwrite": "overwrite",
+    "max_nodata": "max_nodata",
 }
 
 
@@ -199,8 +200,13 @@ def _report(manifest: dict, out: Path) -> int:
     print(f"wrote {len(manifest['shards'])} shard(s) to {out}: tiles {splits}")
     for bad in manifest["bad_files"]:
         print(f"skipped: {bad['error']}", file=sys.stderr)
-    for name, n in manifest.get("non_finite_tiles", {}).get("files", {}).items():
-        print(f"dropped: {n} tile(s) of {name} with NaN or inf pixels", file=sys.stderr)
+    skipped = manifest.get("nodata", {}).get("skipped_tiles", 0)
+    if skipped:
+        limit = manifest.get("tiling", {}).get("max_nodata", 0.5)
+        print(
+            f"skipped {skipped} tile(s) more than {limit:.0%} nodata (per file in the manifest)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -216,8 +222,31 @@ def _prepare_potsdam(args: argparse.Namespace) -> int:
 def _prepare_folder(args: argparse.Namespace) -> int:
     from pipeline.prepare.folder import prepare_folder
 
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
     out = Path(args.out)
-    return _report(prepare_folder(Path(args.src), out, _tiling(args), args.bands), out)
+    manifest = prepare_folder(
+        Path(args.src),
+        out,
+        _tiling(args),
+        args.bands,
+        labels=path(args.labels),
+        classes=path(args.classes),
+        num_classes=args.num_classes,
+        palette=path(args.palette),
+        ignore_index=args.ignore_index,
+        merges=args.merge or (),
+    )
+    status = _report(manifest, out)
+    unpaired = manifest.get("unpaired_masks", [])
+    if unpaired:
+        print(
+            f"warning: {len(unpaired)} mask(s) pair with no image (listed in the manifest's "
+            f"unpaired_masks), first: {unpaired[0]}",
+            file=sys.stderr,
+        )
+    return status
 
 
 def _prepare_synthetic(args: argparse.Namespace) -> int:
@@ -295,7 +324,8 @@ def _tiling_options(tile: int = 200) -> argparse.ArgumentParser:
         "--tile",
         type=int,
         default=tile,
-        help="tile side in output pixels (default %(default)s); incomplete edge tiles are dropped",
+        help="tile side in output pixels (default %(default)s); tiles at the right and bottom "
+        "edges reach past the raster, padded and masked, so every pixel is in a tile",
     )
     p.add_argument(
         "--stride",
@@ -309,6 +339,14 @@ def _tiling_options(tile: int = 200) -> argparse.ArgumentParser:
         default=1.0,
         help="output pixels per source pixel, "
         "in (0, 1]; the reference uses 0.5 for Potsdam (images bilinear, labels nearest)",
+    )
+    p.add_argument(
+        "--max-nodata",
+        type=float,
+        default=0.5,
+        help="skip tiles whose pixels inside the raster are more than this share nodata "
+        "(the raster's nodata value or mask, NaN); default %(default)s, 1 keeps every tile "
+        "with data",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -327,8 +365,9 @@ def _split_options() -> argparse.ArgumentParser:
     return p
 
 
-def _output_options() -> argparse.ArgumentParser:
-    """How shards are written (every kind of `prepare`)."""
+def _output_options(skip_bad: bool = True) -> argparse.ArgumentParser:
+    """How shards are written (every kind of `prepare`); ``skip_bad``: offer --skip-bad (only
+    kinds that can skip a bad file and go on)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--rows-per-shard", type=int, default=256, help="tiles per Parquet file")
     p.add_argument(
@@ -343,12 +382,13 @@ def _output_options() -> argparse.ArgumentParser:
         help="replace a dataset already in OUT (the old one stays until the new one is "
         "complete; without it, a non-empty OUT is refused)",
     )
-    p.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="exit 0 even if some files were "
-        "skipped as unreadable (they are listed in the manifest either way)",
-    )
+    if skip_bad:
+        p.add_argument(
+            "--skip-bad",
+            action="store_true",
+            help="exit 0 even if some files were "
+            "skipped as unreadable (they are listed in the manifest either way)",
+        )
     return p
 
 
@@ -497,9 +537,31 @@ def _add_prepare(sub) -> None:
     fold = kinds.add_parser(
         "folder",
         parents=rasters,
-        help="a folder of your own PNG/JPEG/TIFF images (no labels)",
-        description="Tile every PNG/JPEG/TIFF under SRC (recursively) into the unlabelled split. "
-        "Other files are reported as bad input.",
+        help="a folder of your own PNG/JPEG/TIFF images, with masks or without",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Tile every PNG/JPEG/TIFF under SRC (recursively); other files are reported as bad input.
+Images with another band count than most of them (or --bands) are skipped and reported.
+Masks pair by relative path and stem: SRC/a/x.tif takes LABELS/a/x.png (or .jpg .jpeg
+.tif .tiff); a SRC holding img_dir/ and ann_dir/ (mmsegmentation, LoveDA) pairs those
+without --labels. Images without a mask go to the unlabelled split (trained on, not
+scored); masks without an image are listed in the manifest (unpaired_masks).
+A mask is either
+  a class-index raster: 1 band of class ids (uint8/uint16); --classes names them,
+    --num-classes K makes them 0..K-1, else the ids found in the masks (one pass over
+    them before tiling) are the classes; other values fail the file, naming it;
+  a colour-coded RGB raster with --palette: colours off the palette are ignored (255)
+    and counted in the manifest.""",
+        epilog="""\
+--classes / --palette YAML: a list (the position is the id) or a mapping id -> entry;
+an entry is a name or {name: building, colour: [0, 0, 255]}; {name: boundary,
+colour: [0, 0, 0], ignore: true} marks ignored pixels (counted, takes no id), e.g.
+  - {name: road, colour: [255, 255, 255]}
+  - {name: building, colour: [0, 0, 255]}
+--merge coarse=road+car,building+clutter,veg:low_veg+tree records a class merge in the
+manifest (train with --set data.merge=coarse); classes are names or ids, a group is
+named label:a+b or its members joined by _and_; classes in no group are ignored. A
+--merge FILE maps names to such strings, or to lists of groups ([a, b] or {label: [a, b]}).""",
     )
     fold.add_argument("src", help="image folder")
     fold.add_argument("out", help="output folder for shards and manifest.json")
@@ -507,7 +569,30 @@ def _add_prepare(sub) -> None:
         "--bands",
         type=int,
         default=None,
-        help="required band count (default: that of the first image)",
+        help="required band count (default: the count most images have)",
+    )
+    fold.add_argument(
+        "--labels", metavar="LABELS", help="mask folder mirroring SRC (may lie inside SRC)"
+    )
+    fold.add_argument("--classes", metavar="FILE", help="YAML naming the class ids of the masks")
+    fold.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="K",
+        help="masks hold class ids 0..K-1 (no pass over the masks)",
+    )
+    fold.add_argument(
+        "--ignore-index",
+        type=int,
+        metavar="N",
+        help="mask value of ignored pixels in class-index masks (default 255)",
+    )
+    fold.add_argument("--palette", metavar="FILE", help="YAML of class colours: RGB masks")
+    fold.add_argument(
+        "--merge",
+        action="append",
+        metavar="NAME=GROUPS|FILE",
+        help="record a class merge in the manifest (repeatable; see below)",
     )
     fold.set_defaults(func=_prepare_folder)
 
@@ -561,25 +646,53 @@ def _add_prepare(sub) -> None:
     coco.add_argument("--ids", default=None, help="file of image ids to keep instead of the rule")
     coco.set_defaults(func=_prepare_cocostuff)
 
-    # Whole images: no tiling; the files name the split (mnist, stl10) or a hash of each image
-    # does (digits, classes).
+    # Whole images: no tiling, so no --tile, --stride or --downscale. Only `classes` can skip a
+    # bad file and go on (a broken MNIST or STL-10 file stops the prepare), so only it takes
+    # --skip-bad; stl10's files always name the split, so it takes no --test-fraction.
+    whole_output = _output_options(skip_bad=False)
     whole = {
-        "digits": ("scikit-learn's 8x8 digits, shipped inside the package (no SRC)", True),
-        "mnist": ("MNIST IDX files (train-/t10k-images-idx3-ubyte[.gz] and labels) in SRC", False),
+        "digits": (
+            "scikit-learn's 8x8 digits, shipped inside the package (no SRC)",
+            "A hash of each image's index and --seed holds --test-fraction of them out as test.",
+            [split, whole_output],
+        ),
+        "mnist": (
+            "MNIST IDX files (train-/t10k-images-idx3-ubyte[.gz] and labels) or CSVs in SRC",
+            "SRC: a folder with the IDX files, a folder with .csv files, or one .csv file. IDX: "
+            "with both the train- and the t10k- set the files name the split and --test-fraction "
+            "does not apply; with one set, --test-fraction of its images (by a hash of their "
+            "index and --seed) are held out as test. CSV (Kaggle's mnist_train.csv): a line per "
+            "image, its class id 0-9 then side*side pixel values 0-255, after an optional header "
+            "line; when SRC holds a file named *train* and one named *test*, the names decide "
+            "their split, and every other file (or a single .csv) is split by --test-fraction. A "
+            "bad line stops the prepare before anything is written, naming the file and line.",
+            [split, whole_output],
+        ),
         "stl10": (
             "STL-10 binary files (train_X.bin, train_y.bin, test_*, unlabeled_X.bin) in SRC",
-            False,
+            "The files name the split: train, test and unlabelled.",
+            [whole_output],
         ),
-        "classes": ("a folder with one sub-folder of images per class", True),
+        "classes": (
+            "a folder with one sub-folder of images per class",
+            "Greyscale stays one band: if most images are greyscale the dataset has one band "
+            "(16-bit images kept as uint16) and a colour image in it is a bad file; otherwise "
+            "three (RGB, alpha dropped, greyscale repeated). A hash of each file's index and "
+            "--seed holds --test-fraction of the images out as test. Unreadable files, and "
+            "images of another size without --size, are listed as bad files.",
+            [split, output],
+        ),
     }
-    for kind, (text, hashed) in whole.items():
+    for kind, (text, how, parents) in whole.items():
         p = kinds.add_parser(
             kind,
-            parents=[split, output] if hashed else [output],
+            parents=parents,
             help=f"whole images for clustering: {text}",
-            description=f"Write {text} as shards, one image per row with its class id.",
+            description=f"Write {text} as shards, one image per row with its class id. {how}",
         )
-        if kind != "digits":
+        if kind == "mnist":
+            p.add_argument("src", help="folder of IDX or .csv files, or one .csv file")
+        elif kind != "digits":
             p.add_argument("src", help="source folder")
         p.add_argument("out", help="output folder for shards and manifest.json")
         if kind == "classes":
@@ -589,6 +702,7 @@ def _add_prepare(sub) -> None:
                 default=0,
                 help="resize every image to SIZE x SIZE (default: keep sizes)",
             )
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=_prepare_clustering)
 
 

@@ -104,16 +104,32 @@ class DataConfig:
     # Rows each worker shuffles in every training pass (Ray Data's local shuffle buffer), so
     # that batches are not the same every epoch; 0 keeps the stored order.
     shuffle_buffer: int = 512
+    # How pixel values become the model's input: "unit" divides integers by their dtype's
+    # maximum (8-bit imagery), "stats" stretches each band to [0, 1] from the dataset's band
+    # statistics (the manifest's), "auto" is "stats" for anything but 8-bit imagery. The
+    # stretch itself (band_lo, band_hi) is filled in from the manifest when training starts
+    # and then travels with the model; give it to fix the stretch by hand.
+    normalise: Literal["auto", "unit", "stats"] = "auto"
+    band_lo: tuple[float, ...] = ()
+    band_hi: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, ">= 0")
+        _check(
+            len(self.band_hi) == len(self.band_lo),
+            "data.band_hi",
+            self.band_hi,
+            f"as many values as data.band_lo ({len(self.band_lo)})",
+        )
+        for lo, hi in zip(self.band_lo, self.band_hi, strict=True):
+            _check(hi > lo, "data.band_hi", self.band_hi, "each above its data.band_lo")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     task: Literal["segmentation", "clustering"] = "segmentation"
-    in_channels: int = 3
+    in_channels: int = 0  # 0: the dataset's band count (the manifest's), set when training starts
     n_clusters_a: int = 24
     n_clusters_b: int = 3
     n_subheads: int = 1
@@ -122,7 +138,7 @@ class ModelConfig:
     width: float = 1.0  # segmentation trunk channel multiplier (1: the reference)
 
     def __post_init__(self) -> None:
-        _check(self.in_channels >= 1, "model.in_channels", self.in_channels, ">= 1")
+        _check(self.in_channels >= 0, "model.in_channels", self.in_channels, ">= 0")
         _check(self.n_clusters_b >= 2, "model.n_clusters_b", self.n_clusters_b, ">= 2")
         _check(self.n_clusters_a >= 2, "model.n_clusters_a", self.n_clusters_a, ">= 2")
         _check(self.n_subheads >= 1, "model.n_subheads", self.n_subheads, ">= 1")

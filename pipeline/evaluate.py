@@ -46,6 +46,8 @@ class Tally:
         joints: (sub-heads, K, K) unnormalised P(z, z') at zero displacement on held-out pairs.
         loss_sum: (sub-heads,) lambda_B IID loss of head B on those pairs, summed over batches.
         batches: () the number of batches.
+        predicted: (sub-heads, K) pixels (images, for clustering) per cluster of head B over
+            every valid pixel, labelled or not: the cluster masses.
         examples: the first (image, per-sub-head prediction, target) triples, when asked for.
     """
 
@@ -53,11 +55,12 @@ class Tally:
     joints: torch.Tensor
     loss_sum: torch.Tensor
     batches: torch.Tensor
+    predicted: torch.Tensor
     examples: list[Example] = field(default_factory=list)
 
     def summed(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Tally:
         """Every sum passed through ``reduce`` (``dist.all_reduce``: over the workers)."""
-        sums = (self.counts, self.joints, self.loss_sum, self.batches)
+        sums = (self.counts, self.joints, self.loss_sum, self.batches, self.predicted)
         return Tally(*(reduce(t) for t in sums), examples=self.examples)
 
 
@@ -74,6 +77,7 @@ class Evaluation:
             chooses).
         scores: ACC/NMI/ARI per sub-head (None for a sub-head that saw no labelled pixel).
         best: the chosen sub-head (``choose_subhead``: highest ``mi``).
+        masses: (sub-heads, K) share of the valid held-out pixels in each cluster of head B.
         examples: up to ``n_examples`` (image (B, H, W), prediction (H, W), label (H, W)).
     """
 
@@ -83,6 +87,7 @@ class Evaluation:
     mi: np.ndarray
     scores: list[ClusterScores | None]
     best: int
+    masses: np.ndarray
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     @classmethod
@@ -92,6 +97,7 @@ class Evaluation:
         mi = mutual_information(joints).numpy()
         best = choose_subhead(mi)
         counts = tally.counts.cpu().numpy()
+        predicted = tally.predicted.cpu().numpy().astype(np.float64)
         return cls(
             counts=counts,
             losses=(tally.loss_sum / tally.batches.clamp(min=1)).cpu().numpy(),
@@ -99,6 +105,7 @@ class Evaluation:
             mi=mi,
             scores=[cluster_scores(c) if c.sum() else None for c in counts],
             best=best,
+            masses=predicted / np.maximum(predicted.sum(axis=1, keepdims=True), 1),
             examples=[(img, preds[best], lab) for img, preds, lab in tally.examples],
         )
 
@@ -139,14 +146,21 @@ def class_targets(lut: torch.Tensor, labels: torch.Tensor, task: str) -> torch.T
 
 
 def paired_views(
-    model, x: torch.Tensor, probs: Sequence[torch.Tensor], pairs: PairConfig, task: str, gen
+    model,
+    x: torch.Tensor,
+    probs: Sequence[torch.Tensor],
+    pairs: PairConfig,
+    task: str,
+    gen,
+    valid: torch.Tensor | None = None,
 ) -> list[View]:
     """Head B on a drawn pair of ``x``, per sub-head ``(p, q, mask)`` (``aligned_views``).
 
     ``probs`` is head B on ``x`` itself (the first view; with ``pairs.augment_first`` the first
-    view is drawn too and head B runs on it instead).
+    view is drawn too and head B runs on it instead); ``valid`` (n, H, W) marks the pixels
+    with data (``make_pairs``).
     """
-    drawn = make_pairs(x, pairs, gen)
+    drawn = make_pairs(x, pairs, gen, valid)
     if pairs.augment_first:  # both views drawn, as in training
         probs = model(drawn["x"], "B")
     return aligned_views(probs, model(drawn["gx"], "B"), drawn, task)
@@ -174,8 +188,8 @@ def score(
 
     Args:
         model: a SegmentationNet or ClusterNet (probabilities out), on ``lut``'s device.
-        batches: ``{"x": (n, B, H, W) images in [0, 1], "label": stored label ids}`` on that
-            device.
+        batches: ``{"x": (n, B, H, W) images in [0, 1], "label": stored label ids}`` and
+            optionally ``"valid"`` (n, H, W) bool, on that device.
         cfg: the model's config (task, loss, seed).
         lut: 256-entry map from stored label ids to evaluated classes (255: ignore).
         n_classes: evaluated class count M.
@@ -192,16 +206,18 @@ def score(
     joints = torch.zeros(s, k, k, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(s, device=device)
     n_batches = torch.zeros((), dtype=torch.int64, device=device)
+    predicted = torch.zeros(s, k, dtype=torch.int64, device=device)
     examples: list[Example] = []
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
     was_training = model.training
     model.eval()
     for batch in batches:
-        x = batch["x"]
+        x, valid = batch["x"], batch.get("valid")
         target = class_targets(lut, batch["label"], cfg.model.task)
         probs = model(x, "B")
         counts += torch.stack([confusion_counts(p.argmax(1), target, k, n_classes) for p in probs])
-        views = paired_views(model, x, probs, pairs, cfg.model.task, gen)
+        predicted += torch.stack([_cluster_sizes(p.argmax(1), valid, k) for p in probs])
+        views = paired_views(model, x, probs, pairs, cfg.model.task, gen, valid)
         loss_sum += torch.stack([view_loss(v, cfg.loss.lamb_b, cfg.loss) for v in views])
         joints += torch.stack([zero_shift_joint(*v) for v in views]).double()
         n_batches += 1
@@ -209,7 +225,14 @@ def score(
             preds = [p[i].argmax(0).cpu().numpy() for p in probs]
             examples.append((x[i].cpu().numpy(), preds, target[i].cpu().numpy()))
     model.train(was_training)
-    return Tally(counts, joints, loss_sum, n_batches, examples)
+    return Tally(counts, joints, loss_sum, n_batches, predicted, examples)
+
+
+def _cluster_sizes(pred: torch.Tensor, valid: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(K,) predictions per cluster, over the valid pixels (all when ``valid`` is None)."""
+    if valid is not None and pred.ndim == valid.ndim:
+        pred = pred[valid]
+    return torch.bincount(pred.flatten(), minlength=k)[:k]
 
 
 def evaluate_model(
@@ -238,9 +261,11 @@ def evaluate_model(
         The counts, losses, joints, MI, scores and the label-free choice of sub-head.
     """
     model = model.to(device).eval()
+    lo, hi = cfg.data.band_lo, cfg.data.band_hi
     batches = (
         {"x": torch.from_numpy(images).to(device), "label": torch.from_numpy(labels).to(device)}
-        for images, labels in iter_tiles(shards, splits, cfg.data.batch_size)
+        | ({} if valid is None else {"valid": torch.from_numpy(valid).to(device)})
+        for images, labels, valid in iter_tiles(shards, splits, cfg.data.batch_size, lo, hi)
     )
     lut_t = torch.as_tensor(lut, device=device)
     return Evaluation.of(score(model, batches, cfg, lut_t, n_classes, cfg.pairs, n_examples))

@@ -66,6 +66,40 @@ def plot_overlays(ev: Evaluation, classes: Sequence[str]) -> plt.Figure:
     return fig
 
 
+def plot_clusters(ev: Evaluation) -> plt.Figure:
+    """Rows of image / head-B clusters (chosen sub-head): what unlabelled data can show."""
+    k = ev.joints.shape[-1]
+    palette = class_palette(k)
+    rows = max(len(ev.examples), 1)
+    fig, axes = plt.subplots(rows, 2, figsize=(5, 2.5 * rows), squeeze=False)
+    for row, (image, pred, _) in zip(axes, ev.examples, strict=False):
+        _show_image(row[0], image)
+        row[1].imshow(palette[pred])
+    for ax, title in zip(axes[0], ("image", "clusters"), strict=True):
+        ax.set_title(title)
+    for ax in axes.flat:
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i]) for i in range(k)]
+    fig.legend(
+        handles, [f"z={i}" for i in range(k)], loc="lower center", ncol=min(k, 6), fontsize=8
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def overlay_figure(ev: Evaluation, classes: Sequence[str]) -> plt.Figure | None:
+    """The overlays of dense predictions: against the truth with labels, the bare clusters
+    without; None for whole-image clustering or without examples."""
+    if not ev.examples or ev.examples[0][1].ndim != 2:
+        return None
+    labelled = classes and ev.scores[ev.best] is not None
+    return plot_overlays(ev, classes) if labelled else plot_clusters(ev)
+
+
+def close(fig: plt.Figure) -> None:
+    plt.close(fig)
+
+
 def plot_joint(joint: np.ndarray) -> plt.Figure:
     """P(z, z') beside P(z)P(z'): a good model concentrates the joint on the diagonal."""
     product = np.outer(joint.sum(1), joint.sum(0))
@@ -121,12 +155,13 @@ def write_plots(
     """Write every plot as PNG (and the counts as JSON) under ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     figures = {"joint.png": plot_joint(ev.joints[ev.best])}
-    if classes:  # without labels there is nothing to confuse or overlay
+    if classes and ev.scores[ev.best] is not None:  # without labels nothing to confuse
         figures["confusion.png"] = plot_confusion(ev.counts[ev.best], classes)
     if history:
         figures["masses.png"] = plot_masses(history)
-    if classes and ev.examples and ev.examples[0][1].ndim == 2:  # dense predictions only
-        figures["overlays.png"] = plot_overlays(ev, classes)
+    overlays = overlay_figure(ev, classes)
+    if overlays is not None:
+        figures["overlays.png"] = overlays
     paths = [_save(fig, out / name, dpi=110) for name, fig in figures.items()]
     counts = {"classes": list(classes), "best_subhead": ev.best, "counts": ev.counts.tolist()}
     write_json_atomic(out / "confusion.json", counts)

@@ -122,6 +122,10 @@ class EpochLogger:
             if key != "epoch":
                 self.client.log_metric(self.run_id, key, float(value), step=epoch)
 
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact of the run (``overlays/epoch_003.png``)."""
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
 
 def set_status(uri: str, run_id: str, status: str, note: str = "") -> None:
     """Set the run's MLflow status (``RUNNING`` while training, then ``FINISHED``, ``FAILED``

@@ -35,7 +35,7 @@ from pipeline.dist import all_reduce, global_sum, outside_ddp, worker_nodes
 from pipeline.evaluate import Evaluation, evaluate_model, score
 from pipeline.models import build_model
 from pipeline.objective import pair_losses
-from pipeline.plots import write_plots
+from pipeline.plots import close, overlay_figure, write_plots
 
 # Ray is imported inside the functions that use it, so importing this module does not load it.
 if TYPE_CHECKING:
@@ -76,12 +76,13 @@ def train_epoch_head(
     joint_sum = global_sum if cfg.loss.global_joint else None
     for step, batch in enumerate(batches):
         if "gx" not in batch:  # pairs drawn here, on the worker's device
-            x, label = batch["x"], batch["label"]
+            x, label, valid = batch["x"], batch["label"], batch.get("valid")
             if cfg.pairs.repeats > 1:  # r pairs of each image, each with its own g
                 x = x.repeat(cfg.pairs.repeats, *([1] * (x.ndim - 1)))
                 label = label.repeat(cfg.pairs.repeats, *([1] * (label.ndim - 1)))
+                valid = None if valid is None else valid.repeat(cfg.pairs.repeats, 1, 1)
             ids = batch.get("tile_id", [])
-            batch = make_pairs(x, cfg.pairs, gen) | {"label": label, "tile_id": ids}
+            batch = make_pairs(x, cfg.pairs, gen, valid) | {"label": label, "tile_id": ids}
         with autocast:
             losses = pair_losses(model, batch, head, lamb, cfg, joint_sum)
         loss = losses.mean()
@@ -145,9 +146,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # --- score every head-B sub-head on the evaluation split, sums over workers --------
         batches = shard_batches(eval_shard, cfg, device, rng, crop=0, part=(rank, world))
         net, n_classes = outside_ddp(model), len(job.classes)
-        tally = score(net, batches, cfg, lut, n_classes, job.eval_pairs).summed(all_reduce)
+        examples = 2 if rank == 0 else 0  # for the epoch's overlay
+        tally = score(net, batches, cfg, lut, n_classes, job.eval_pairs, examples)
+        tally = tally.summed(all_reduce)
         clock.append(time.perf_counter())
-        metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu(), Evaluation.of(tally))
+        ev = Evaluation.of(tally)
+        metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu(), ev)
         metrics |= {"start_epoch": start_epoch, "n_nodes": len(set(nodes))} | _seconds(clock)
         history.append(metrics)
         # --- [4] checkpoint: rank 0 writes, every worker reports (a barrier) ---------------
@@ -157,6 +161,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoint.save(tmp, model, opt, history, job, tally.counts.cpu(), nodes)
                 saved = ray.train.Checkpoint.from_directory(tmp)
                 logger.log(metrics, epoch)
+                if (figure := overlay_figure(ev, job.classes)) is not None:
+                    logger.log_figure(figure, f"overlays/epoch_{epoch + 1:03d}.png")
+                    close(figure)
             ray.train.report(metrics, checkpoint=saved)
 
 
@@ -184,14 +191,13 @@ def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, ev: Evaluation) -> di
     }
     out |= {f"mi_sub{i}": float(v) for i, v in enumerate(ev.mi)}
     out |= {f"heldout_loss_sub{i}": float(v) for i, v in enumerate(ev.losses)}
-    for i, (c, s) in enumerate(zip(ev.counts, ev.scores, strict=True)):
-        if s is None:  # no labelled pixel
+    out |= {f"mass_{k}": float(m) for k, m in enumerate(ev.masses[best])}
+    for i, s in enumerate(ev.scores):
+        if s is None:  # no labelled pixel: ACC, NMI and ARI have nothing to compare with
             continue
         out |= {f"acc_sub{i}": s.acc, f"nmi_sub{i}": s.nmi, f"ari_sub{i}": s.ari}
         if i == best:
-            masses = c.sum(1) / int(c.sum())
             out |= {"acc": s.acc, "nmi": s.nmi, "ari": s.ari}
-            out |= {f"mass_{k}": float(m) for k, m in enumerate(masses)}
     return out
 
 
@@ -286,6 +292,8 @@ def launch(job: Job, inputs: TrainInputs, callbacks: Sequence = ()) -> Result:
             batch_size=cfg.data.batch_size,
             num_cpus=cfg.scaling.pair_cpus,
             seed=cfg.run.seed,
+            lo=cfg.data.band_lo,
+            hi=cfg.data.band_hi,
         ).select_columns(["x", "gx", "inverse", "mask", "label"])
     else:
         train_ds = rows(inputs.train_files, cfg.data.materialize, deal_seed=cfg.run.seed)
@@ -341,6 +349,7 @@ def fit(cfg: Config) -> Result:
             before Ray starts.
     """
     inputs = training_inputs(cfg)
+    cfg = inputs.config  # fitted to the shards: band count, input stretch
     uri = tracking.resolve_uri(cfg.run.tracking_uri)
     tracking.check_reachable(uri)
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)

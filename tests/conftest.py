@@ -85,7 +85,7 @@ def split_files(shards: Path, split: str) -> list[str]:
 def decode_row(row: dict) -> tuple[np.ndarray, np.ndarray]:
     """A shard row (as pyarrow's ``to_pylist`` gives it) as (image (B, H, W), label (H, W)),
     through the pipeline's one decoder (unlabelled pixels IGNORE_INDEX)."""
-    raw, labels = decode_raw({k: [v] for k, v in row.items()})
+    raw, labels, _ = decode_raw({k: [v] for k, v in row.items()})
     return raw[0], labels[0]
 
 

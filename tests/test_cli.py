@@ -69,7 +69,7 @@ def test_evaluate_bad_model_is_one_line(tmp_path, model, message, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    cfg = Config.from_dict({"data": {"shards": "x"}, "model": {"width": 0.125}})
+    cfg = Config.from_dict({"data": {"shards": "x"}, "model": {"in_channels": 3, "width": 0.125}})
     narrow = build_model(cfg.model).state_dict()
     torch.save(narrow, tmp_path / "bare.pt")  # a bare state dict
     torch.save({"model": narrow, "config": {"data": {}}}, tmp_path / "badcfg.pt")
@@ -94,7 +94,7 @@ def test_evaluate_with_plots_on_unlabelled_shards(tmp_path, monkeypatch, capsys)
     cfg = Config.from_dict(
         {
             "data": {"shards": str(shards), "eval_split": "unlabelled"},
-            "model": {"n_clusters_a": 4, "width": 0.125},
+            "model": {"in_channels": 3, "n_clusters_a": 4, "width": 0.125},
             "loss": {"half_window": 3},
         }
     )
@@ -103,7 +103,9 @@ def test_evaluate_with_plots_on_unlabelled_shards(tmp_path, monkeypatch, capsys)
     args = ["evaluate", "--model", str(tmp_path / "model.pt"), "--data", str(shards)]
     assert cli_main([*args, "--plots", str(tmp_path / "plots")]) == 0
     assert "(no labelled pixels)" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["confusion.json", "joint.png"]
+    # no confusion without labels; the clusters overlay the images instead
+    plots = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert plots == ["confusion.json", "joint.png", "overlays.png"]
 
 
 def test_prepare_synthetic_too_small_is_one_line_and_writes_nothing(tmp_path, capsys):

@@ -34,7 +34,7 @@ def config(shards: Path) -> Config:
 
 
 def tiles_read(shards: Path, splits: list[str]) -> int:
-    return sum(len(images) for images, _ in iter_tiles(shards, splits, batch_size=16))
+    return sum(len(images) for images, _, _ in iter_tiles(shards, splits, batch_size=16))
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def test_the_chosen_subhead_is_the_most_informative_not_the_lowest_lambda_b_loss
             "pairs": {"crop": 0, "strength": 0.1},  # mild jitter: brightness stays readable
         }
     )
-    images = np.concatenate([im for im, _ in iter_tiles(shards, ["test"], 64)])
+    images = np.concatenate([im for im, _, _ in iter_tiles(shards, ["test"], 64)])
     brightness = images.astype(np.float64).mean(1)
     threshold = float(np.quantile(brightness, 1 - BRIGHT_SHARE))
     lut, classes = label_lut(read_manifest(shards), "potsdam3")

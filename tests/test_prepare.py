@@ -63,24 +63,32 @@ def test_potsdam_mini_class_counts_equal_the_label_tiff(potsdam_mini, tmp_path):
     assert want[5] == 0 and (want[:5] > 0).all()  # no clutter in this crop, the rest present
 
 
-def test_potsdam_mini_200px_tiles_cover_the_top_left_400(potsdam_mini, tmp_path):
+def test_potsdam_mini_200px_tiles_cover_the_whole_crop_edges_padded(potsdam_mini, tmp_path):
+    """512 px is no multiple of 200: the last row and column of tiles reach past the crop,
+    padded (image 0, label ignored, invalid), so every pixel and every label is in a tile."""
     prepare_potsdam(potsdam_mini, tmp_path / "t200", TilingOptions(progress=False))
-    want = direct_counts(potsdam_mini / LABEL, (slice(0, 400), slice(0, 400)))
+    want = direct_counts(potsdam_mini / LABEL)
     assert shard_class_counts(tmp_path / "t200").tolist() == want.tolist()
     rows = read_rows(tmp_path / "t200")
+    offsets = [0, 200, 400]
     assert sorted((r["row_off"], r["col_off"]) for r in rows) == [
-        (0, 0),
-        (0, 200),
-        (200, 0),
-        (200, 200),
+        (r, c) for r in offsets for c in offsets
     ]
     with rasterio.open(potsdam_mini / "2_Ortho_RGB/top_potsdam_2_10_RGB.tif") as src:
         whole = src.read()
-    for r in rows:  # pixels are the source's, untouched
-        assert np.array_equal(
-            decode_row(r)[0],
-            whole[:, r["row_off"] : r["row_off"] + 200, r["col_off"] : r["col_off"] + 200],
-        )
+    for r in rows:  # pixels are the source's, untouched; the padding is 0 and invalid
+        image = decode_row(r)[0]
+        h, w = r["src_height"], r["src_width"]
+        assert (h, w) == (min(200, 512 - r["row_off"]), min(200, 512 - r["col_off"]))
+        y, x = r["row_off"], r["col_off"]
+        assert np.array_equal(image[:, :h, :w], whole[:, y : y + h, x : x + w])
+        assert not image[:, h:].any() and not image[:, :, w:].any()
+        valid = None if r["valid"] is None else np.frombuffer(r["valid"], np.uint8)
+        if (h, w) == (200, 200):
+            assert valid is None
+        else:
+            valid = valid.reshape(200, 200)
+            assert valid[:h, :w].all() and not valid[h:].any() and not valid[:, w:].any()
 
 
 @pytest.mark.skipif(IID is None, reason="console script `iid` not installed")
@@ -248,16 +256,22 @@ def test_sources_whose_names_read_alike_keep_every_tile(tmp_path):
     for name in names:
         write_tif(src / name, rng.integers(0, 255, (3, 64, 64), dtype=np.uint8), georef=False)
     manifest = prepare_folder(src, tmp_path / "out", OPTS)
-    assert manifest["splits"]["unlabelled"]["tiles"] == 4 * len(names)
-    assert len({s["path"] for s in manifest["shards"]}) == len(manifest["shards"]) == len(names)
+    assert sum(s["tiles"] for s in manifest["splits"].values()) == 4 * len(names)
+    assert len({s["path"] for s in manifest["shards"]}) == len(manifest["shards"])
+    assert len({s["path"].split("/")[1].rsplit("-", 1)[0] for s in manifest["shards"]}) == 4
     rows = read_rows(tmp_path / "out")
     assert sorted({r["source"] for r in rows}) == sorted(names)
     assert len(rows) == 4 * len(names)
 
 
 def _images(src: Path, sides: tuple[int, ...]) -> Path:
+    """Images of the given sides; side 0 is a corrupt file with an image's name."""
     rng = np.random.default_rng(0)
     for i, side in enumerate(sides):
+        if side == 0:
+            src.mkdir(parents=True, exist_ok=True)
+            (src / f"{i}.tif").write_bytes(b"II*\0 not really a TIFF")
+            continue
         write_tif(src / f"{i}.tif", rng.integers(0, 255, (3, side, side), dtype=np.uint8))
     return src
 
@@ -268,7 +282,7 @@ def _images(src: Path, sides: tuple[int, ...]) -> Path:
         ((64,), {"rows_per_shard": 0}, None, r"--rows-per-shard must be >= 1, got 0"),
         ((64,), {}, 0, r"--bands must be >= 1, got 0"),
         # --skip-bad, but every file was skipped: no dataset to accept
-        ((16,), {"skip_bad": True}, None, r"no tile written \(1 file\(s\) skipped, first: "),
+        ((0,), {"skip_bad": True}, None, r"no tile written \(1 file\(s\) skipped, first: "),
     ],
 )
 def test_bad_folder_preparations_are_one_line(tmp_path, sides, opts, bands, message):
@@ -280,13 +294,15 @@ def test_bad_folder_preparations_are_one_line(tmp_path, sides, opts, bands, mess
     assert "\n" not in str(err.value)
 
 
-def test_an_image_smaller_than_a_tile_is_listed_as_skipped(tmp_path):
+def test_an_image_smaller_than_a_tile_is_one_padded_tile(tmp_path):
     src = _images(tmp_path / "src", (64, 16))
-    with pytest.raises(BadFilesError, match=r"1.tif: 16x16 pixels .*smaller than one 32-pixel"):
-        prepare_folder(src, tmp_path / "out", OPTS)
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert [Path(b["file"]).name for b in manifest["bad_files"]] == ["1.tif"]
-    assert manifest["splits"]["unlabelled"]["tiles"] == 4
+    manifest = prepare_folder(src, tmp_path / "out", OPTS)
+    assert manifest["bad_files"] == []
+    assert sum(s["tiles"] for s in manifest["splits"].values()) == 4 + 1
+    small = next(r for r in read_rows(tmp_path / "out") if r["source"] == "1.tif")
+    valid = np.frombuffer(small["valid"], np.uint8).reshape(32, 32)
+    assert valid[:16, :16].all() and valid.sum() == 16 * 16
+    assert (small["src_height"], small["src_width"]) == (16, 16)
 
 
 def test_folder_of_own_imagery_with_a_non_image(tmp_path):
@@ -304,7 +320,8 @@ def test_folder_of_own_imagery_with_a_non_image(tmp_path):
         prepare_folder(src, tmp_path / "out", OPTS)
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert len(manifest["bad_files"]) == 1
-    assert manifest["splits"]["unlabelled"]["tiles"] == 4 + 4 + 6
+    # a.png is 70 px high: a third, padded row of tiles
+    assert sum(s["tiles"] for s in manifest["splits"].values()) == 6 + 4 + 6
     rows = read_rows(tmp_path / "out")
     png = next(
         r for r in rows if r["source"] == "a.png" and r["row_off"] == 32 and r["col_off"] == 32
@@ -361,7 +378,7 @@ def test_prepare_help_explains_every_option():
         assert option in run.stdout
 
 
-def test_tiles_with_nan_pixels_are_dropped_and_counted_per_file(tmp_path):
+def test_non_finite_pixels_are_invalid_and_stored_as_zero(tmp_path):
     src = tmp_path / "src"
     image = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
     image[1, 40, 50] = np.nan  # one pixel of one band: the bottom-right tile
@@ -371,7 +388,20 @@ def test_tiles_with_nan_pixels_are_dropped_and_counted_per_file(tmp_path):
     manifest = prepare_folder(
         src, tmp_path / "out", TilingOptions(tile=32, stride=32, progress=False)
     )
-    assert manifest["non_finite_tiles"] == {"dropped": 2, "files": {"float.tif": 2}}
-    rows = read_rows(tmp_path / "out")
-    assert sorted(r["tile_id"] for r in rows) == ["clean_r0_c0", "float_r0_c32", "float_r32_c0"]
-    assert all(np.isfinite(decode_row(r)[0]).all() for r in rows)
+    assert manifest["nodata"]["invalid_pixels_kept"] == 2
+    assert manifest["nodata"]["skipped_tiles"] == 0
+    rows = {r["tile_id"]: r for r in read_rows(tmp_path / "out")}
+    assert len(rows) == 5
+    for r in rows.values():
+        assert np.isfinite(decode_row(r)[0]).all()
+    broken = {"float_r0_c0": (5, 5), "float_r32_c32": (8, 18)}
+    for tile_id, r in rows.items():
+        if tile_id not in broken:
+            assert r["valid"] is None
+            continue
+        valid = np.frombuffer(r["valid"], np.uint8).reshape(32, 32)
+        assert valid.sum() == 32 * 32 - 1 and valid[broken[tile_id]] == 0
+    # the band statistics leave the bad pixels out
+    good = np.isfinite(image).all(0)
+    both = np.concatenate([image[:, good], image[:, :32, 32:].reshape(3, -1)], axis=1)
+    assert np.allclose(manifest["band_stats"]["mean"], both.mean(1), rtol=1e-6)

@@ -79,7 +79,7 @@ def test_shards_read_the_same_through_a_uri(shards):
     local = list(iter_tiles(shards, ["train"], 4))
     remote = list(iter_tiles(f"file://{shards}", ["train"], 4))
     assert len(local) == len(remote) > 0
-    for (xa, ya), (xb, yb) in zip(local, remote, strict=True):
+    for (xa, ya, _), (xb, yb, _) in zip(local, remote, strict=True):
         assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
 
 

@@ -260,7 +260,7 @@ def test_training_and_iid_evaluate_report_the_same_collapsed_held_out_loss(
     model, _ = load_model(str(tmp_path / "runs" / "t"))
     losses = {True: [], False: []}
     with torch.no_grad():
-        for images, _ in iter_tiles(shards, ["test"], cfg.data.batch_size):
+        for images, _, _ in iter_tiles(shards, ["test"], cfg.data.batch_size):
             for collapsed in losses:
                 losses[collapsed].append(
                     [

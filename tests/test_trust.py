@@ -70,7 +70,7 @@ def test_registered_models_load_as_weights_and_planted_code_is_refused(tmp_path,
     cfg = Config.from_dict(
         {
             "data": {"shards": "x"},
-            "model": {"n_clusters_a": 4, "n_subheads": 2, "width": 0.125},
+            "model": {"in_channels": 3, "n_clusters_a": 4, "n_subheads": 2, "width": 0.125},
             "run": {"name": "good", "experiment": "trust"},
         }
     )

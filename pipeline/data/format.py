@@ -12,6 +12,7 @@ neither imports the other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,11 +46,18 @@ SCHEMA = pa.schema(
         pa.field("dtype", pa.string(), nullable=False),
         pa.field("image", pa.binary(), nullable=False),
         pa.field("label", pa.binary()),  # uint8 H x W, IGNORE_INDEX where unknown; null if none
+        # uint8 H x W, 1 where the pixel holds data, 0 for nodata, non-finite values and the
+        # padding of edge tiles; null when every pixel is valid
+        pa.field("valid", pa.binary()),
         pa.field("class_id", pa.int32()),  # whole-image class for clustering data; else null
         pa.field("crs", pa.string()),
         pa.field("transform", pa.list_(pa.float64())),  # 6 affine coefficients of the tile grid
     ]
 )
+
+
+# Shards written before the valid mask existed are still read (every pixel valid).
+LEGACY_NAMES = [name for name in SCHEMA.names if name != "valid"]
 
 
 class PrepareError(Exception):
@@ -73,6 +81,8 @@ class Tile:
     class_id: int | None = None
     crs: str | None = None
     transform: tuple[float, ...] | None = None
+    valid: np.ndarray | None = None  # (H, W) bool; None: every pixel valid
+    inside: int | None = None  # pixels of the tile inside its raster (the rest is padding)
 
     def row(self, split: str) -> dict:
         """The tile as a row of ``SCHEMA``."""
@@ -92,6 +102,9 @@ class Tile:
             "dtype": str(self.image.dtype),
             "image": np.ascontiguousarray(self.image).tobytes(),
             "label": None if self.label is None else np.ascontiguousarray(self.label).tobytes(),
+            "valid": None
+            if self.valid is None or self.valid.all()
+            else np.ascontiguousarray(self.valid, dtype=np.uint8).tobytes(),
             "class_id": self.class_id,
             "crs": self.crs,
             "transform": None if self.transform is None else list(self.transform),
@@ -99,10 +112,11 @@ class Tile:
 
 
 # ------------------------------------------------------------------------------- decoding
-def decode_raw(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def decode_raw(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Rows (a batch from Ray Data or pyarrow: column name -> values) -> images (n, B, H, W)
-    in the shard's own dtype (uint8 for Potsdam) and labels (n, H, W) uint8, IGNORE_INDEX where
-    unknown; a whole-image ``class_id`` labels every pixel of its image.
+    in the shard's own dtype (uint8 for Potsdam), labels (n, H, W) uint8, IGNORE_INDEX where
+    unknown (a whole-image ``class_id`` labels every pixel of its image), and the valid mask
+    (n, H, W) bool, or None when every pixel of the batch is valid.
 
     Raises:
         ValueError: on an empty batch.
@@ -120,17 +134,39 @@ def decode_raw(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for i, cls in enumerate(batch.get("class_id", [None] * n)):
         if cls is not None and not (isinstance(cls, float) and np.isnan(cls)):
             labels[i] = int(cls)  # whole-image class: every pixel carries it
-    return raw, labels
+    valid = None
+    for i, v in enumerate(batch.get("valid", [None] * n)):
+        if v is not None:
+            if valid is None:
+                valid = np.ones((n, shape[1], shape[2]), dtype=bool)
+            valid[i] = np.frombuffer(v, dtype=np.uint8).reshape(shape[1], shape[2]) != 0
+    return raw, labels, valid
 
 
-def decode_batch(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """As ``decode_raw``, with the images as float32 in [0, 1] (``to_unit``)."""
-    raw, labels = decode_raw(batch)
-    return to_unit(raw), labels
+def decode_batch(
+    batch: dict[str, np.ndarray], lo: Sequence[float] = (), hi: Sequence[float] = ()
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """As ``decode_raw``, with the images as float32 (``to_unit`` with ``lo``, ``hi``)."""
+    raw, labels, valid = decode_raw(batch)
+    return to_unit(raw, lo, hi), labels, valid
 
 
-def to_unit(raw: np.ndarray) -> np.ndarray:
-    """Integer images -> float32 in [0, 1] (divided by the dtype's maximum); floats as they are."""
+def to_unit(raw: np.ndarray, lo: Sequence[float] = (), hi: Sequence[float] = ()) -> np.ndarray:
+    """Images (n, B, H, W) -> float32 model input.
+
+    With a per-band stretch (``lo``, ``hi``: ``data.band_lo``/``band_hi``, from the dataset's
+    band statistics) each band maps [lo, hi] linearly to [0, 1], clipped; without, integers are
+    divided by their dtype's maximum and floats are kept as they are.
+    """
+    if len(lo):
+        if len(lo) != raw.shape[1]:
+            raise ValueError(f"a stretch of {len(lo)} bands for images of {raw.shape[1]} bands")
+        low = np.asarray(lo, dtype=np.float32).reshape(1, -1, 1, 1)
+        span = np.asarray(hi, dtype=np.float32).reshape(1, -1, 1, 1) - low
+        images = raw.astype(np.float32)
+        images -= low
+        images /= span
+        return np.clip(images, 0, 1, out=images)
     scale = 1.0 / np.iinfo(raw.dtype).max if raw.dtype.kind in "ui" else 1.0
     images = raw.astype(np.float32)
     images *= np.float32(scale)  # in place: one fresh array per batch, not two
@@ -139,7 +175,8 @@ def to_unit(raw: np.ndarray) -> np.ndarray:
 
 def from_wire(t: torch.Tensor) -> torch.Tensor:
     """A view as the pair stage sent it (the shard's integers, or float16) -> float32, scaled as
-    ``to_unit`` scales: integers divided by their dtype's maximum, floats as they are."""
+    ``to_unit`` scales without a stretch: integers divided by their dtype's maximum, floats as
+    they are (a stretched view travels as float16)."""
     if t.is_floating_point():
         return t.float()
     return t.float().mul_(1 / torch.iinfo(t.dtype).max)
@@ -191,7 +228,7 @@ def dataset_files(shards: str | Path, manifest: dict, splits: Sequence[str]) -> 
         if error:
             raise PrepareError(f"{path}: {error} (listed in {storage.join(shards, MANIFEST)})")
         names = meta.schema.to_arrow_schema().names
-        if names != SCHEMA.names:
+        if names not in (SCHEMA.names, LEGACY_NAMES):
             raise PrepareError(f"{path}: not a shard of this format (columns {names})")
         if meta.num_rows != info["rows"]:
             raise PrepareError(
@@ -243,7 +280,7 @@ def label_lut(manifest: dict, merge: str) -> tuple[np.ndarray, list[str]]:
     """
     lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
     classes = manifest["classes"]
-    if merge:
+    if merge and classes:  # unlabelled data has nothing to merge: a config's merge is moot
         merges = manifest.get("merges", {})
         if merge not in merges:
             raise ConfigError(
@@ -264,7 +301,7 @@ def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
         ConfigError: one line naming the config key and the shards.
     """
     bands = manifest.get("bands")
-    if bands is not None and bands != cfg.model.in_channels:
+    if bands is not None and cfg.model.in_channels and bands != cfg.model.in_channels:
         raise ConfigError(
             f"model.in_channels: {cfg.model.in_channels} bands configured but the "
             f"shards in {cfg.data.shards} have {bands}"
@@ -283,14 +320,69 @@ def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
         )
     if training and manifest["splits"].get(cfg.data.eval_split, {}).get("tiles", 0) == 0:
         raise ConfigError(
-            f"data.eval_split: no tiles in split {cfg.data.eval_split!r} of {cfg.data.shards}"
+            f"data.eval_split: no tiles in split {cfg.data.eval_split!r} of {cfg.data.shards} "
+            "(prepare it again with --test-fraction > 0: unlabelled data then gets held-out "
+            "tiles too)"
         )
+    if cfg.data.band_lo and bands is not None and len(cfg.data.band_lo) != bands:
+        raise ConfigError(
+            f"data.band_lo: {len(cfg.data.band_lo)} values for the {bands} bands of "
+            f"{cfg.data.shards}"
+        )
+
+
+def fit_to_data(cfg: Config, manifest: dict) -> Config:
+    """``cfg`` with what it leaves to the dataset filled in from its manifest:
+    ``model.in_channels`` (0: the dataset's bands) and the input stretch ``data.band_lo`` /
+    ``band_hi`` (``data.normalise``). The result travels with the run (checkpoints, the
+    registered model), so a model meets new data with the stretch it was trained with.
+
+    Raises:
+        ConfigError: the manifest lacks what the config asks for (one line naming the key).
+    """
+    model, data = cfg.model, cfg.data
+    bands = manifest.get("bands")
+    if not model.in_channels:
+        if not bands:
+            raise ConfigError(
+                f"model.in_channels: 0 takes the dataset's band count, but the manifest of "
+                f"{data.shards} records none; set it"
+            )
+        model = dataclasses.replace(model, in_channels=int(bands))
+    mode = data.normalise
+    if mode == "auto":  # 8-bit imagery already fills [0, 255]; anything else rarely fills its type
+        mode = "unit" if manifest.get("dtype", "uint8") == "uint8" else "stats"
+    if mode == "stats" and not data.band_lo:
+        stats = manifest.get("band_stats")
+        if not stats:
+            raise ConfigError(
+                f"data.normalise: 'stats' needs the band statistics that `iid prepare` records "
+                f"in the manifest; {data.shards} has none (prepare it again, or use 'unit')"
+            )
+        lo, hi = stretch(stats)
+        data = dataclasses.replace(data, band_lo=lo, band_hi=hi)
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+def stretch(stats: dict, k: float = 3.0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band [lo, hi] of the input stretch from a manifest's ``band_stats``: the mean
+    plus and minus ``k`` standard deviations, within the band's range (robust to a few hot or
+    dead pixels, yet keeps nearly every value distinct)."""
+    lo, hi = [], []
+    for mean, std, low, high in zip(
+        stats["mean"], stats["std"], stats["min"], stats["max"], strict=True
+    ):
+        a, b = max(low, mean - k * std), min(high, mean + k * std)
+        lo.append(float(a))
+        hi.append(float(b) if b > a else float(a) + 1.0)  # a constant band: any span will do
+    return tuple(lo), tuple(hi)
 
 
 @dataclass(frozen=True)
 class TrainInputs:
     """What the driver derives from the shards before any worker starts."""
 
+    config: Config  # the run's config, fitted to the dataset (``fit_to_data``)
     lut: np.ndarray  # stored label id -> evaluated class
     classes: list[str]
     train_files: list[str]  # the manifest's shards of the training splits, checked
@@ -299,8 +391,8 @@ class TrainInputs:
 
 
 def training_inputs(cfg: Config) -> TrainInputs:
-    """Check the shards against the config and list the files of the training and evaluation
-    splits.
+    """Check the shards against the config, fit the config to them (``fit_to_data``) and list
+    the files of the training and evaluation splits.
 
     Raises:
         PrepareError: no readable manifest, or a listed shard missing or unreadable.
@@ -309,6 +401,7 @@ def training_inputs(cfg: Config) -> TrainInputs:
     shards = cfg.data.shards
     manifest = read_manifest(shards)
     check_data(cfg, manifest)
+    cfg = fit_to_data(cfg, manifest)
     lut, classes = label_lut(manifest, cfg.data.merge)
     train_files = dataset_files(shards, manifest, cfg.data.train_splits)
     if not train_files:
@@ -316,4 +409,4 @@ def training_inputs(cfg: Config) -> TrainInputs:
             f"data.train_splits: no tiles in {list(cfg.data.train_splits)} of {shards}"
         )
     eval_files = dataset_files(shards, manifest, [cfg.data.eval_split])
-    return TrainInputs(lut, classes, train_files, eval_files, manifest)
+    return TrainInputs(cfg, lut, classes, train_files, eval_files, manifest)

@@ -8,6 +8,7 @@ hold them; the trainer casts them on its device (``data.format.from_wire``).
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 from dataclasses import asdict
 
 import numpy as np
@@ -45,10 +46,19 @@ class PairMaker:
         cfg: PairConfig as a plain dict (what crosses to Ray actors).
         seed: base seed; each actor adds its own entropy unless ``deterministic``.
         deterministic: same seed in every actor (for tests).
+        lo, hi: the input stretch (``data.band_lo``/``band_hi``; empty: none).
     """
 
-    def __init__(self, cfg: dict, seed: int = 0, deterministic: bool = False):
+    def __init__(
+        self,
+        cfg: dict,
+        seed: int = 0,
+        deterministic: bool = False,
+        lo: Sequence[float] = (),
+        hi: Sequence[float] = (),
+    ):
         self.cfg = build(PairConfig, cfg, "pairs.")
+        self.lo, self.hi = tuple(lo), tuple(hi)
         entropy = [seed] if deterministic else [seed, int.from_bytes(np.random.bytes(4), "big")]
         self.rng = np.random.default_rng(entropy)
         self.gen = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
@@ -56,20 +66,23 @@ class PairMaker:
         keep_freed_memory()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raw, labels = decode_raw(batch)
-        raw, labels = random_crops(raw, labels, self.cfg.crop, self.rng)
+        raw, labels, valid = decode_raw(batch)
+        raw, labels, valid = random_crops(raw, labels, self.cfg.crop, self.rng, valid)
         raw = np.ascontiguousarray(raw)
         with torch.no_grad():
-            if fits_u8_path(raw):
-                out = make_pairs_u8(raw, self.cfg, self.gen)
+            if fits_u8_path(raw) and not self.lo:
+                out = make_pairs_u8(raw, self.cfg, self.gen, valid)
             else:
-                out = make_pairs(torch.from_numpy(to_unit(raw)), self.cfg, self.gen)
+                unit = torch.from_numpy(to_unit(raw, self.lo, self.hi))
+                out = make_pairs(unit, self.cfg, self.gen, valid)
         # The views travel in the fewest bytes that hold them (see ``from_wire``): moving them
         # through the object store limited the pool as much as drawing them (identity
         # transform: float16 views at about half the pairs per second of uint8 ones, measured).
+        # The shard's own values (exact) stand for the first view unless it is drawn too or
+        # stretched (``to_unit`` with a stretch is not what ``from_wire`` undoes).
+        exact = not (self.cfg.augment_first or self.lo)
         return {
-            # the shard's own values (exact), unless the first view is drawn too
-            "x": _wire(out["x"]) if self.cfg.augment_first else raw,
+            "x": raw if exact else _wire(out["x"]),
             "gx": _wire(out["gx"]),
             "inverse": out["inverse"].numpy(),
             "mask": out["mask"].numpy(),
@@ -91,18 +104,21 @@ def pair_dataset(
     batch_size: int = 32,
     num_cpus: float = 0.5,
     seed: int = 0,
+    lo: Sequence[float] = (),
+    hi: Sequence[float] = (),
 ):
     """A Ray Dataset of pairs from the shard ``files`` (``dataset_files``; any pyarrow
     filesystem URI).
 
-    The pool's actors take fractional CPUs so that read tasks and Train workers are not starved
+    ``lo``/``hi``: the input stretch (``data.band_lo``/``band_hi``). The pool's actors take
+    fractional CPUs so that read tasks and Train workers are not starved
     on small machines.
     """
     import ray.data
 
     return parquet_rows(files, concurrency=max(1, actors)).map_batches(
         PairMaker,
-        fn_constructor_kwargs={"cfg": asdict(cfg), "seed": seed},
+        fn_constructor_kwargs={"cfg": asdict(cfg), "seed": seed, "lo": list(lo), "hi": list(hi)},
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=batch_size,
         batch_format="numpy",

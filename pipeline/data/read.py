@@ -40,10 +40,15 @@ DEAL_ROWS = 16
 
 
 def iter_tiles(
-    shards: str | Path, splits: Sequence[str], batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images, labels) batches read straight from the Parquet shards that the manifest lists
-    for ``splits`` (one file at a time, in stored order; ``decode_batch``'s arrays).
+    shards: str | Path,
+    splits: Sequence[str],
+    batch_size: int,
+    lo: Sequence[float] = (),
+    hi: Sequence[float] = (),
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(images, labels, valid) batches read straight from the Parquet shards that the manifest
+    lists for ``splits`` (one file at a time, in stored order; ``decode_batch``'s arrays, with
+    the stretch ``lo``, ``hi``).
 
     Raises:
         PrepareError: no readable manifest, a listed shard missing or unreadable, or no shard
@@ -55,7 +60,7 @@ def iter_tiles(
     for f in files:
         with storage.open_input(f) as src:
             for rb in pq.ParquetFile(src).iter_batches(batch_size=batch_size):
-                yield decode_batch(rb.to_pydict())
+                yield decode_batch(rb.to_pydict(), lo, hi)
 
 
 def parquet_rows(files: list[str], concurrency: int | None = None) -> Dataset:
@@ -138,8 +143,9 @@ def shard_batches(
 
     With ``pairs_ready`` (``data.pairs_on: actors``) they are finished pairs from the actor pool.
     Otherwise the shard holds raw shard rows (usually materialised in the object store: read
-    once, not re-read and re-decoded every pass), decoded and randomly cropped here; the pairs
-    are then drawn on the device by the caller. ``shuffle`` mixes rows in a buffer of
+    once, not re-read and re-decoded every pass), decoded and randomly cropped here (with
+    ``valid`` where some pixel has no data); the pairs are then drawn on the device by the
+    caller. ``shuffle`` mixes rows in a buffer of
     ``data.shuffle_buffer`` rows, seeded from ``rng``. ``part`` ``(i, n)`` keeps every n-th
     batch from the i-th (a worker's share of a dataset that every worker reads whole).
     """
@@ -158,10 +164,10 @@ def shard_batches(
         return
     raws = shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy", **order)
     for raw in itertools.islice(raws, i, None, n):
-        images, labels = decode_batch(raw)
-        images, labels = random_crops(images, labels, crop, rng)
+        images, labels, valid = decode_batch(raw, cfg.data.band_lo, cfg.data.band_hi)
+        images, labels, valid = random_crops(images, labels, crop, rng, valid)
         yield {
             "x": torch.from_numpy(np.ascontiguousarray(images)).to(device),
             "label": torch.from_numpy(labels).to(device),
             "tile_id": [str(t) for t in raw["tile_id"]],  # for messages about the batch
-        }
+        } | ({} if valid is None else {"valid": torch.from_numpy(valid).to(device)})

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import IGNORE_INDEX
 from pipeline.data.format import PrepareError
+from pipeline.prepare.labels import Palette, PaletteLabels
 from pipeline.prepare.run import Source, TilingOptions, prepare_tiles
 
 CLASSES = ("impervious", "building", "low_vegetation", "tree", "car", "clutter")
@@ -32,7 +32,7 @@ LABEL_SETS = {  # --labels -> (folder, file suffix)
     "all": ("5_Labels_all", "label"),
 }
 
-_LUT_KEYS = np.array([(r << 16) | (g << 8) | b for r, g, b in COLOURS], dtype=np.int64)
+PALETTE = Palette(COLOURS, ignored={"boundary": BOUNDARY})
 
 
 def colours_to_classes(rgb: np.ndarray) -> np.ndarray:
@@ -40,35 +40,17 @@ def colours_to_classes(rgb: np.ndarray) -> np.ndarray:
 
     Black (eroded boundary) and any colour off the palette become IGNORE_INDEX: guessing the
     class of a colour the release does not define would plant wrong labels.
+
+    Raises:
+        LabelValueError: fewer than 3 bands.
     """
-    if rgb.shape[0] < 3:
-        raise PrepareError(f"label raster has {rgb.shape[0]} bands, expected 3 (RGB colours)")
-    key = (rgb[0].astype(np.int64) << 16) | (rgb[1].astype(np.int64) << 8) | rgb[2]
-    out = np.full(key.shape, IGNORE_INDEX, dtype=np.uint8)
-    for cls, k in enumerate(_LUT_KEYS):
-        out[key == k] = cls
-    return out
+    return PALETTE.classes(rgb)
 
 
 def count_unmapped(rgb: np.ndarray) -> tuple[int, int]:
     """(boundary pixels, off-palette pixels) of a (3, h, w) colour label."""
-    key = (rgb[0].astype(np.int64) << 16) | (rgb[1].astype(np.int64) << 8) | rgb[2]
-    boundary = int((key == 0).sum())
-    off = int((~np.isin(key, _LUT_KEYS) & (key != 0)).sum())
-    return boundary, off
-
-
-class _CountingLabels:
-    """label_fn that also counts boundary and off-palette pixels for the manifest."""
-
-    def __init__(self) -> None:
-        self.boundary = self.off_palette = 0
-
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        b, o = count_unmapped(rgb[:3])
-        self.boundary += b
-        self.off_palette += o
-        return colours_to_classes(rgb)
+    counts = PALETTE.count(rgb)[1]
+    return counts["boundary"], counts["off_palette"]
 
 
 def find_sources(src: Path, variant: str, labels: str) -> tuple[list[Source], list[dict]]:
@@ -125,7 +107,7 @@ def prepare_potsdam(
     if labels not in LABEL_SETS:
         raise PrepareError(f"--labels must be one of {sorted(LABEL_SETS)}, got {labels!r}")
     sources, bad = find_sources(src, variant, labels)
-    counter = _CountingLabels()
+    counter = PaletteLabels(PALETTE)  # counts boundary and off-palette pixels on the way
     meta = {
         "dataset": "potsdam",
         "variant": variant,
@@ -148,10 +130,5 @@ def prepare_potsdam(
         expect_bands=VARIANTS[variant][2],
         root=src,
         bad_files=bad,
-        late_meta=lambda: {
-            "ignored_label_pixels": {
-                "boundary": counter.boundary,
-                "off_palette": counter.off_palette,
-            }
-        },
+        late_meta=lambda: {"ignored_label_pixels": dict(counter.counts)},
     )

@@ -3,6 +3,12 @@
 A raster is read one band of tile rows at a time (full width, ``tile / scale`` source rows), with
 rasterio resampling on read for the optional downscale, so peak memory is one such band whatever
 the raster's height, and every source block is decoded once per tile row.
+
+Every pixel of a raster lands in some tile: tiles at the right and bottom edges reach past the
+raster and are padded. Each tile carries a valid mask: False for the padding, for the raster's
+nodata (its nodata value, or its internal or sidecar mask; not an alpha band) and for
+non-finite values of float imagery (stored as 0). Labels are IGNORE_INDEX wherever the
+image is not valid, so no metric counts those pixels either.
 """
 
 from __future__ import annotations
@@ -15,14 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from pipeline import IGNORE_INDEX
 from pipeline.data.format import PrepareError, Tile
 
 GDAL_CACHE_MB = 128
 LabelFn = Callable[[np.ndarray], np.ndarray]  # (bands, h, w) label raster -> (h, w) uint8 ids
+
+
+class LabelValueError(ValueError):
+    """Raised by a ``LabelFn`` for a label window it cannot map (a value outside the classes,
+    the wrong band count); ``iter_tiles`` turns it into one line naming the label and image
+    files."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +63,23 @@ class TileGrid:
     def out_width(self) -> int:
         return int(math.floor(self.width * self.scale))
 
-    def starts(self, size: int) -> range:
-        # Incomplete tiles at the right and bottom edges are dropped, as in the reference.
-        return range(0, size - self.tile + 1, self.stride)
+    def starts(self, size: int) -> list[int]:
+        """Tile starts along an axis of ``size`` output pixels: one every ``stride``, plus a
+        last tile reaching past the edge (padded) where the steps leave pixels uncovered."""
+        if size <= 0:
+            return []
+        out = list(range(0, max(size - self.tile, 0) + 1, self.stride))
+        if out[-1] + self.tile < size and out[-1] + self.stride < size:
+            out.append(out[-1] + self.stride)
+        return out
 
     def __len__(self) -> int:
         return len(self.starts(self.out_height)) * len(self.starts(self.out_width))
 
-    def source_rows(self, out_row: int) -> tuple[int, int]:
-        """(first source row, source row count) behind output rows [out_row, out_row + tile)."""
-        return round(out_row / self.scale), round(self.tile / self.scale)
+    def source_rows(self, out_row: int, rows: int | None = None) -> tuple[int, int]:
+        """(first source row, source row count) behind output rows [out_row, out_row + rows)
+        (default: a whole tile)."""
+        return round(out_row / self.scale), round((rows or self.tile) / self.scale)
 
 
 def _open(path: Path):
@@ -82,19 +102,66 @@ def raster_info(path: Path) -> tuple[int, int, int]:
         return src.count, src.height, src.width
 
 
-def _read_band(src, grid: TileGrid, out_row: int, resampling: Resampling, path: Path) -> np.ndarray:
-    row_off, rows = grid.source_rows(out_row)
-    rows = min(rows, src.height - row_off)
-    window = Window(0, row_off, src.width, rows)
+def _read_band(
+    src, grid: TileGrid, out_row: int, rows: int, resampling: Resampling, path: Path
+) -> np.ndarray:
+    """Output rows [out_row, out_row + rows) of every band, full width: (bands, rows, width)."""
+    row_off, src_rows = grid.source_rows(out_row, rows)
+    src_rows = max(1, min(src_rows, src.height - row_off))
+    window = Window(0, row_off, src.width, src_rows)
     try:
         return src.read(
-            window=window, out_shape=(src.count, grid.tile, grid.out_width), resampling=resampling
+            window=window, out_shape=(src.count, rows, grid.out_width), resampling=resampling
         )
     except RasterioError as err:
         raise PrepareError(
-            f"{path}: read failed at rows {row_off}-{row_off + rows} (truncated or corrupt? "
+            f"{path}: read failed at rows {row_off}-{row_off + src_rows} (truncated or corrupt? "
             f"{_first_line(err)})"
         ) from err
+
+
+def _mask_kind(src) -> str:
+    """How the raster marks pixels without data: "nodata" (a nodata value), "mask" (an internal
+    or sidecar mask) or "" (none). An alpha band is not read as a mask: GDAL calls the 4th band
+    of any 4-band 8-bit TIFF alpha, and there it is usually near infrared."""
+    flags = src.mask_flag_enums
+    if src.nodata is not None and any(MaskFlags.nodata in f for f in flags):
+        return "nodata"
+    if any(MaskFlags.per_dataset in f and MaskFlags.alpha not in f for f in flags):
+        return "mask"
+    return ""
+
+
+def _valid_band(src, grid: TileGrid, out_row: int, rows: int, band: np.ndarray) -> np.ndarray:
+    """(rows, width) bool: the pixels with data (a pixel is nodata when all its bands hold the
+    nodata value, as in GDAL's dataset mask) and, for float imagery, finite in every band;
+    non-finite values are set to 0 in ``band``."""
+    valid = np.ones(band.shape[1:], dtype=bool)
+    kind = _mask_kind(src)
+    if kind == "nodata":
+        nodata = src.nodata
+        same = np.isnan(band) if np.isnan(nodata) else band == nodata
+        valid &= ~same.all(axis=0)
+    elif kind == "mask":
+        row_off, src_rows = grid.source_rows(out_row, rows)
+        window = Window(0, row_off, src.width, max(1, min(src_rows, src.height - row_off)))
+        valid &= src.dataset_mask(window=window, out_shape=(rows, grid.out_width)) != 0
+    if band.dtype.kind == "f":
+        finite = np.isfinite(band)
+        if not finite.all():
+            band[~finite] = 0  # NaN would poison every sum it enters, even when masked
+            valid &= finite.all(axis=0)
+    return valid
+
+
+def _padded(a: np.ndarray, height: int, width: int, fill) -> np.ndarray:
+    """``a`` (..., h, w) padded at the bottom and right to (..., height, width) with ``fill``."""
+    h, w = a.shape[-2:]
+    if (h, w) == (height, width):
+        return a
+    out = np.full((*a.shape[:-2], height, width), fill, dtype=a.dtype)
+    out[..., :h, :w] = a
+    return out
 
 
 def iter_tiles(
@@ -134,18 +201,31 @@ def iter_tiles(
             if lab is not None and (lab.height, lab.width) != (src.height, src.width):
                 raise PrepareError(
                     f"{label_path}: label is {lab.width}x{lab.height}, expected "
-                    f"{src.width}x{src.height} like {image_path.name}"
+                    f"{src.width}x{src.height} like its image {image_path}"
                 )
             crs = src.crs.to_wkt() if src.crs else None
             stem = image_path.stem
+            cols = grid.starts(grid.out_width)
+            # the padded width: the last tile may reach past the raster
+            width = max(grid.out_width, cols[-1] + grid.tile)
             for r in grid.starts(grid.out_height):
-                band = _read_band(src, grid, r, Resampling.bilinear, image_path)
+                rows = min(grid.tile, grid.out_height - r)  # in the raster; the rest is padding
+                band = _read_band(src, grid, r, rows, Resampling.bilinear, image_path)
+                valid = _padded(_valid_band(src, grid, r, rows, band), grid.tile, width, False)
+                band = _padded(band, grid.tile, width, 0)
                 labels = None
                 if lab is not None and label_fn is not None:
-                    labels = label_fn(_read_band(lab, grid, r, Resampling.nearest, label_path))
-                row_off, rows = grid.source_rows(r)
-                for c in grid.starts(grid.out_width):
-                    col_off, cols = round(c / grid.scale), round(grid.tile / grid.scale)
+                    window = _read_band(lab, grid, r, rows, Resampling.nearest, label_path)
+                    try:
+                        labels = label_fn(window)
+                    except LabelValueError as err:
+                        raise PrepareError(f"{label_path} (label of {image_path}): {err}") from err
+                    labels = _padded(labels, grid.tile, width, IGNORE_INDEX)
+                    labels[~valid] = IGNORE_INDEX  # no metric counts a pixel without data
+                row_off, src_rows = grid.source_rows(r, rows)
+                for c in cols:
+                    inside = min(grid.tile, grid.out_width - c)
+                    col_off, src_cols = round(c / grid.scale), round(inside / grid.scale)
                     transform = src.transform @ rasterio.Affine.translation(col_off, row_off)
                     transform = transform @ rasterio.Affine.scale(1 / grid.scale)
                     yield Tile(
@@ -153,13 +233,15 @@ def iter_tiles(
                         source=source_name or str(image_path),
                         row_off=row_off,
                         col_off=col_off,
-                        src_height=rows,
-                        src_width=cols,
+                        src_height=src_rows,
+                        src_width=src_cols,
                         image=band[:, :, c : c + grid.tile].copy(),
                         label=None if labels is None else labels[:, c : c + grid.tile].copy(),
                         label_source=label_name or (str(label_path) if label_path else None),
                         crs=crs,
                         transform=tuple(transform)[:6],
+                        valid=valid[:, c : c + grid.tile].copy(),
+                        inside=rows * inside,
                     )
         finally:
             if lab is not None:

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 from pipeline import IGNORE_INDEX
@@ -39,6 +38,9 @@ class TilingOptions:
     skip_bad: bool = False
     progress: bool = True
     overwrite: bool = False  # replace a dataset already in OUT
+    # Tiles whose pixels inside the raster are more than this share nodata are skipped (a
+    # tile with no valid pixel always is); 1 keeps every tile with data.
+    max_nodata: float = 0.5
 
     def __post_init__(self) -> None:
         if self.tile < 1 or self.stride < 1:
@@ -49,20 +51,25 @@ class TilingOptions:
             raise PrepareError(f"--downscale must be in (0, 1], got {self.scale}")
         if not 0 <= self.test_fraction < 1:
             raise PrepareError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        if not 0 <= self.max_nodata <= 1:
+            raise PrepareError(f"--max-nodata must be in [0, 1], got {self.max_nodata}")
         if self.rows_per_shard < 1:
             raise PrepareError(f"--rows-per-shard must be >= 1, got {self.rows_per_shard}")
 
 
-def assign_split(tile: Tile, seed: int, test_fraction: float) -> str:
+def assign_split(tile: Tile, seed: int, test_fraction: float, hold_out_unlabelled: bool) -> str:
     """Deterministic split from (seed, source, window): a tile lands in exactly one split.
 
-    Tiles with no label, or whose label is all ignore, are ``unlabelled``.
+    Tiles with no label, or whose label is all ignore, are ``unlabelled``; when the dataset has
+    no labels at all (``hold_out_unlabelled``) the same draw holds ``test_fraction`` of them
+    out as ``test``, so that a label-free run still scores its sub-heads on tiles it never
+    trained on.
     """
-    if tile.label is None or bool((tile.label == IGNORE_INDEX).all()):
-        tile.label = None
-        return "unlabelled"
     key = f"{seed}:{tile.source}:{tile.row_off}:{tile.col_off}".encode()
     draw = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+    if tile.label is None or bool((tile.label == IGNORE_INDEX).all()):
+        tile.label = None
+        return "test" if hold_out_unlabelled and draw < test_fraction else "unlabelled"
     return "test" if draw < test_fraction else "train"
 
 
@@ -117,12 +124,13 @@ def prepare_tiles(
             if len(grid) == 0:
                 writer.skip(
                     str(src.image),
-                    f"{src.image}: {grid.out_width}x{grid.out_height} pixels (after --downscale), "
-                    f"smaller than one {opts.tile}-pixel tile",
+                    f"{src.image}: {grid.out_width}x{grid.out_height} pixels after --downscale "
+                    f"{opts.scale}",
                 )
                 continue
             plans.append((src, grid))
-        non_finite: dict[str, int] = {}  # source -> tiles dropped for NaN/inf pixels
+        hold_out = not any(src.label for src, _ in plans)
+        nodata = _NodataCount()
         bar = tqdm(
             total=sum(len(g) for _, g in plans),
             unit="tile",
@@ -131,7 +139,7 @@ def prepare_tiles(
         )
         for src, grid in plans:
             name = str(src.image.relative_to(root)) if root else str(src.image)
-            label_name = str(src.label.relative_to(root)) if (root and src.label) else None
+            label_name = _name(src.label, root) if src.label else None
             with writer.source(_shard_stem(src.image, root), str(src.image)):
                 for tile in iter_tiles(
                     src.image,
@@ -143,12 +151,9 @@ def prepare_tiles(
                     label_name=label_name,
                 ):
                     bar.update()
-                    if tile.image.dtype.kind == "f" and not np.isfinite(tile.image).all():
-                        # NaN or inf pixels (float imagery's nodata) would make every loss
-                        # NaN: such tiles are dropped, and counted per file in the manifest.
-                        non_finite[name] = non_finite.get(name, 0) + 1
-                        continue
-                    writer.add(tile, assign_split(tile, opts.seed, opts.test_fraction))
+                    if nodata.keep(tile, opts.max_nodata, name):
+                        split = assign_split(tile, opts.seed, opts.test_fraction, hold_out)
+                        writer.add(tile, split)
         bar.close()
         params = {
             "tile": opts.tile,
@@ -156,17 +161,51 @@ def prepare_tiles(
             "scale": opts.scale,
             "test_fraction": opts.test_fraction,
             "seed": opts.seed,
+            "max_nodata": opts.max_nodata,
+            "edges": "padded",
         }
         extra = late_meta() if late_meta else {}
-        if non_finite:
-            extra["non_finite_tiles"] = {"dropped": sum(non_finite.values()), "files": non_finite}
-            log.warning(
-                "%d tile(s) with NaN or inf pixels dropped, from %d file(s) (listed in the "
-                "manifest's non_finite_tiles)",
-                sum(non_finite.values()),
-                len(non_finite),
+        if nodata.skipped:
+            log.info(
+                "%d tile(s) more than %.0f%% nodata skipped (counted in the manifest's nodata)",
+                sum(nodata.skipped.values()),
+                100 * opts.max_nodata,
             )
-        return writer.finish({**meta, **extra, "tiling": params}, opts.skip_bad)
+        return writer.finish(
+            {**meta, **extra, "nodata": nodata.summary(), "tiling": params}, opts.skip_bad
+        )
+
+
+class _NodataCount:
+    """Which tiles are kept for their valid pixels, and what was skipped, per file."""
+
+    def __init__(self) -> None:
+        self.skipped: dict[str, int] = {}  # file -> tiles skipped
+        self.invalid_pixels = 0  # in the kept tiles, inside their rasters
+
+    def keep(self, tile: Tile, max_nodata: float, name: str) -> bool:
+        inside = tile.inside if tile.inside is not None else tile.image[0].size
+        valid = inside if tile.valid is None else int(tile.valid.sum())
+        if valid == 0 or (inside - valid) > max_nodata * inside:
+            self.skipped[name] = self.skipped.get(name, 0) + 1
+            return False
+        self.invalid_pixels += inside - valid
+        return True
+
+    def summary(self) -> dict:
+        return {
+            "skipped_tiles": sum(self.skipped.values()),
+            "invalid_pixels_kept": self.invalid_pixels,
+            "files": self.skipped,
+        }
+
+
+def _name(path: Path, root: Path | None) -> str:
+    """``path`` as the shards record it: relative to ``root`` when inside it (masks may live
+    elsewhere)."""
+    if root is not None and path.is_relative_to(root):
+        return str(path.relative_to(root))
+    return str(path)
 
 
 def _shard_stem(path: Path, root: Path | None) -> str:

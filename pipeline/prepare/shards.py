@@ -36,14 +36,67 @@ class BadFilesError(PrepareError):
 
 
 @dataclass
+class BandStats:
+    """Per-band count, mean, sum of squared deviations (M2), min and max over valid pixels,
+    merged tile by tile with Chan et al.'s pairwise update (exact in float64, unlike a running
+    sum of squares of 16-bit values)."""
+
+    count: float = 0.0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def add(self, tile: Tile) -> None:
+        bands = tile.image.shape[0]
+        pixels = tile.image.reshape(bands, -1)
+        if tile.valid is not None and not tile.valid.all():
+            pixels = pixels[:, tile.valid.ravel()]
+        if pixels.shape[1] == 0:
+            return
+        values = pixels.astype(np.float64)
+        mean = values.mean(axis=1)
+        m2 = ((values - mean[:, None]) ** 2).sum(axis=1)
+        self.merge(BandStats(pixels.shape[1], mean, m2, values.min(1), values.max(1)))
+
+    def merge(self, other: BandStats) -> None:
+        if not other.count:
+            return
+        if not self.count:
+            self.count, self.mean, self.m2 = other.count, other.mean, other.m2
+            self.low, self.high = other.low, other.high
+            return
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / n)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        self.low, self.high = np.minimum(self.low, other.low), np.maximum(self.high, other.high)
+        self.count = n
+
+    def summary(self) -> dict | None:
+        """The manifest's ``band_stats`` (population std), or None without a valid pixel."""
+        if not self.count:
+            return None
+        return {
+            "pixels": int(self.count),
+            "mean": self.mean.tolist(),
+            "std": np.sqrt(self.m2 / self.count).tolist(),
+            "min": self.low.tolist(),
+            "max": self.high.tolist(),
+        }
+
+
+@dataclass
 class SplitStats:
     tiles: int = 0
     pixels: int = 0
     class_pixels: list[int] = field(default_factory=list)
     ignored_pixels: int = 0
+    bands: BandStats = field(default_factory=BandStats)
 
     def add(self, tile: Tile, n_classes: int) -> None:
         self.tiles += 1
+        self.bands.add(tile)
         self.pixels += tile.image.shape[1] * tile.image.shape[2]
         if not self.class_pixels:
             self.class_pixels = [0] * n_classes
@@ -56,6 +109,7 @@ class SplitStats:
             self.class_pixels[tile.class_id] += 1
 
     def merge(self, other: SplitStats) -> None:
+        self.bands.merge(other.bands)
         self.tiles += other.tiles
         self.pixels += other.pixels
         self.ignored_pixels += other.ignored_pixels
@@ -168,6 +222,7 @@ class ShardWriter:
         self._stem = ""
         self._file_stats: dict[str, SplitStats] = {}
         self.bad: list[dict] = []  # {"file", "error"} of every skipped input
+        self.dtype = ""  # of the first tile's image (all of a dataset's share it in practice)
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -208,6 +263,7 @@ class ShardWriter:
         log.info("skipped: %s", error)
 
     def add(self, tile: Tile, split: str) -> None:
+        self.dtype = self.dtype or str(tile.image.dtype)
         self._pending.setdefault(split, []).append(tile.row(split))
         self._file_stats[split].add(tile, self.n_classes)
         if len(self._pending[split]) >= self.rows_per_shard:
@@ -273,8 +329,13 @@ class ShardWriter:
             BadFilesError: some inputs were skipped and ``skip_bad`` is false (the manifest,
                 listing them, is written first).
         """
+        every = BandStats()
+        for stats in self.stats.values():
+            every.merge(stats.bands)
         manifest = {
             **meta,
+            "dtype": self.dtype,
+            "band_stats": every.summary(),
             "splits": {
                 split: {
                     "tiles": s.tiles,

@@ -334,8 +334,9 @@ def run_trial(config: dict, search: SearchRecord) -> None:
         "iid.search": search.options.name,
         "iid.trial_id": trial_id,
     }
-    run_id = tracking.run_for(search.tracking_uri, cfg, run_dir, tags)
     inputs = training_inputs(cfg)
+    cfg = inputs.config  # fitted to the shards: band count, input stretch
+    run_id = tracking.run_for(search.tracking_uri, cfg, run_dir, tags)
     job = make_job(cfg, inputs, search.tracking_uri, run_id, search.eval_pairs)
     # Tune ends this actor as soon as the last epoch is reported (or ASHA stops the trial), so
     # nothing after launch() is sure to run: the driver closes the child runs in summarise().
