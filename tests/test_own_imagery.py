@@ -122,6 +122,18 @@ def test_a_16_bit_dataset_trains_on_a_stretch_from_its_statistics(tmp_path):
     assert fit_to_data(cfg, eight_bit).data.band_lo == ()  # auto: 8-bit stays unit
 
 
+def test_labels_are_ignored_wherever_the_image_has_no_data(tmp_path):
+    image = nodata_raster(tmp_path / "src" / "scene.tif")
+    mask = np.ones((1, *image.shape[1:]), dtype=np.uint8)
+    write_tif(tmp_path / "masks" / "scene.png", mask, georef=False)
+    prepare_folder(
+        tmp_path / "src", tmp_path / "out", opts(max_nodata=1.0), labels=tmp_path / "masks"
+    )
+    for r in rows_of(tmp_path / "out"):
+        labels = decode_raw({k: [v] for k, v in r.items()})[1][0]
+        assert ((labels == 255) == ~valid_of(r)).all()  # no metric counts a nodata pixel
+
+
 # ---------------------------------------------------------------------------- the loss mask
 @pytest.mark.parametrize("affine", [False, True])
 def test_no_invalid_pixel_reaches_the_loss(affine):
