@@ -106,18 +106,22 @@ def _read_band(
     src, grid: TileGrid, out_row: int, rows: int, resampling: Resampling, path: Path
 ) -> np.ndarray:
     """Output rows [out_row, out_row + rows) of every band, full width: (bands, rows, width)."""
-    row_off, src_rows = grid.source_rows(out_row, rows)
-    src_rows = max(1, min(src_rows, src.height - row_off))
-    window = Window(0, row_off, src.width, src_rows)
+    window = _source_window(src, grid, out_row, rows)
     try:
         return src.read(
             window=window, out_shape=(src.count, rows, grid.out_width), resampling=resampling
         )
     except RasterioError as err:
         raise PrepareError(
-            f"{path}: read failed at rows {row_off}-{row_off + src_rows} (truncated or corrupt? "
-            f"{_first_line(err)})"
+            f"{path}: read failed at rows {window.row_off}-{window.row_off + window.height} "
+            f"(truncated or corrupt? {_first_line(err)})"
         ) from err
+
+
+def _source_window(src, grid: TileGrid, out_row: int, rows: int) -> Window:
+    """The full-width source window behind output rows [out_row, out_row + rows)."""
+    row_off, src_rows = grid.source_rows(out_row, rows)
+    return Window(0, row_off, src.width, max(1, min(src_rows, src.height - row_off)))
 
 
 def _mask_kind(src) -> str:
@@ -143,8 +147,7 @@ def _valid_band(src, grid: TileGrid, out_row: int, rows: int, band: np.ndarray) 
         same = np.isnan(band) if np.isnan(nodata) else band == nodata
         valid &= ~same.all(axis=0)
     elif kind == "mask":
-        row_off, src_rows = grid.source_rows(out_row, rows)
-        window = Window(0, row_off, src.width, max(1, min(src_rows, src.height - row_off)))
+        window = _source_window(src, grid, out_row, rows)
         valid &= src.dataset_mask(window=window, out_shape=(rows, grid.out_width)) != 0
     if band.dtype.kind == "f":
         finite = np.isfinite(band)
