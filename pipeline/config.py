@@ -88,6 +88,10 @@ class PairConfig:
             )
 
 
+# Pixel types GDAL and the shards hold ("" : not recorded).
+PIXEL_TYPES = ("", "uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     shards: str  # prepared dataset folder (manifest.json + split folders); any pyarrow URI
@@ -112,10 +116,15 @@ class DataConfig:
     normalise: Literal["auto", "unit", "stats"] = "auto"
     band_lo: tuple[float, ...] = ()
     band_hi: tuple[float, ...] = ()
+    # The pixel type of the imagery the model was trained on (the manifest's; filled in when
+    # training starts): new imagery must share it, or the stretch above would not fit it.
+    # "" (models trained before it was recorded): not checked.
+    dtype: str = ""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", self.shuffle_buffer, ">= 0")
+        _check(self.dtype in PIXEL_TYPES, "data.dtype", self.dtype, f"one of {list(PIXEL_TYPES)}")
         _check(
             len(self.band_hi) == len(self.band_lo),
             "data.band_hi",

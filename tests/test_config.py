@@ -59,6 +59,7 @@ def write(tmp_path, text):
         ("data: {shards: x}", ["run.name=a/b"], r"run.name: .* got 'a/b'"),
         ("data: {shards: x}", ["run.name=.hidden"], r"not starting with '.', got '.hidden'"),
         ("data: {shards: x}", ["run.seed=-1"], r"run.seed: expected >= 0, got -1"),
+        ("data: {shards: x}", ["data.dtype=byte"], r"data.dtype: expected one of .*'byte'"),
         ("data: [unclosed", [], r"not valid YAML"),
         ("- data\n- model", [], r"expected a mapping at the top, got list"),
         ("42", [], r"expected a mapping at the top, got int"),

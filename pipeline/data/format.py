@@ -333,9 +333,10 @@ def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
 
 def fit_to_data(cfg: Config, manifest: dict) -> Config:
     """``cfg`` with what it leaves to the dataset filled in from its manifest:
-    ``model.in_channels`` (0: the dataset's bands) and the input stretch ``data.band_lo`` /
-    ``band_hi`` (``data.normalise``). The result travels with the run (checkpoints, the
-    registered model), so a model meets new data with the stretch it was trained with.
+    ``model.in_channels`` (0: the dataset's bands), the input stretch ``data.band_lo`` /
+    ``band_hi`` (``data.normalise``) and the pixel type ``data.dtype``. The result travels
+    with the run (checkpoints, the registered model), so a model meets new data with the
+    stretch it was trained with.
 
     Raises:
         ConfigError: the manifest lacks what the config asks for (one line naming the key).
@@ -361,6 +362,8 @@ def fit_to_data(cfg: Config, manifest: dict) -> Config:
             )
         lo, hi = stretch(stats)
         data = dataclasses.replace(data, band_lo=lo, band_hi=hi)
+    if not data.dtype and manifest.get("dtype"):
+        data = dataclasses.replace(data, dtype=str(manifest["dtype"]))
     return dataclasses.replace(cfg, model=model, data=data)
 
 
