@@ -9,6 +9,9 @@ Keys: ``model`` and ``optimizer`` (state dicts), ``epoch`` (the last one trained
 ``history`` (one metrics dict per epoch), ``config`` (``Config.to_dict()``), ``classes``,
 ``torch_rng`` (the CPU generator's state), ``counts`` (the last epoch's (sub-heads, K, M)
 confusion counts) and ``nodes`` (the Ray node id of each worker, by rank).
+
+A trained model (``load_trained``) comes from a checkpoint or from the MLflow registry, with its
+answer: head B's chosen sub-head and the class each of its clusters was matched to.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +28,9 @@ import torch
 from pipeline import storage
 from pipeline.config import Config, ConfigError, Job
 from pipeline.dist import unwrapped
+from pipeline.metrics import matched_names
 from pipeline.models import build_model
-from pipeline.tracking import CONFIG_FILE, WEIGHTS_FILE, download_model
+from pipeline.tracking import CONFIG_FILE, WEIGHTS_FILE, ModelFiles, download_model, model_files
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -141,13 +147,36 @@ def resume(
     return state["epoch"] + 1, state["history"]
 
 
-def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
-    """A model (in eval mode) and its training config from a checkpoint path (as ``load``
-    takes it) or an MLflow model URI (``models:/name/3``, ``runs:/<id>/model``; the tracking
-    URI comes from the environment).
+@dataclass(frozen=True)
+class Trained:
+    """A trained model and its answer.
+
+    Attributes:
+        model: the network, in eval mode.
+        config: its training config.
+        subhead: head B's chosen sub-head (the label-free choice; 0 where none was recorded).
+        names: per cluster of head B, the class Hungarian matching on the run's held-out labels
+            gave it, or "" (no labels, an unmatched cluster, or nothing recorded).
+    """
+
+    model: torch.nn.Module
+    config: Config
+    subhead: int
+    names: tuple[str, ...]
+
+
+def load_trained(uri: str) -> Trained:
+    """A trained model from a checkpoint path (as ``load`` takes it) or an MLflow model URI
+    (``models:/name/3``, ``models:/name/latest``, ``runs:/<id>/model``; the tracking URI comes
+    from the environment). Only plain data is read (``weights_only=True``, JSON): nothing of
+    the checkpoint or the registry runs.
+
+    Of a checkpoint, the answer is its last epoch's: ``best_subhead`` of its history, names
+    matched on its confusion counts. Of a registered model, its ``info.json``.
 
     Raises:
-        ConfigError: when the URI names neither, or the model carries no config.
+        ConfigError: when the URI names neither, or what it names is not a model of this
+            pipeline (no config, weights that do not fit it, an invalid ``info.json``).
     """
     if storage.is_uri(uri) or Path(uri).exists():
         state = load(uri)
@@ -155,21 +184,90 @@ def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
             raise ConfigError(
                 f"--model: {uri} is not a checkpoint of this pipeline (no 'model' and 'config')"
             )
-        return _rebuild(state["config"], state["model"], uri)
+        model, cfg = _rebuild(state["config"], state["model"], uri)
+        subhead, names = _checkpoint_answer(state, cfg)
+        return Trained(model, cfg, subhead, names)
     if ":/" not in uri:
         raise ConfigError(f"--model: {uri!r} is neither a checkpoint path nor an MLflow model URI")
-    folder = download_model(uri)
-    weights, config = folder / WEIGHTS_FILE, folder / CONFIG_FILE
-    if not (weights.is_file() and config.is_file()):
+    files = model_files(download_model(uri))
+    if files is None:
         raise ConfigError(
             f"--model: {uri} was not logged by this pipeline (no {WEIGHTS_FILE} and "
             f"{CONFIG_FILE}; models logged as pickles are not loaded)"
         )
+    return load_files(files, uri)
+
+
+def load_files(files: ModelFiles, uri: str) -> Trained:
+    """A trained model from the files of a logged model (as ``tracking.model_files`` finds
+    them in a downloaded folder, or a pyfunc model's artifacts).
+
+    Args:
+        files: weights, config and (optionally) info.
+        uri: what the files came from, for errors.
+
+    Raises:
+        ConfigError: a file is not what it should be (one line naming it).
+    """
+    model, cfg = _rebuild(_read_json(files.config), load(files.weights), uri)
+    if files.info is None:  # logged before the answer travelled with the model
+        return Trained(model, cfg, 0, ("",) * cfg.model.n_clusters_b)
+    subhead, names = _checked_answer(_read_json(files.info), cfg, files.info)
+    return Trained(model, cfg, subhead, names)
+
+
+def load_model(uri: str) -> tuple[torch.nn.Module, Config]:
+    """A model (in eval mode) and its training config, as ``load_trained`` loads them.
+
+    Raises:
+        ConfigError: as ``load_trained``.
+    """
+    trained = load_trained(uri)
+    return trained.model, trained.config
+
+
+def _read_json(path: Path) -> object:
     try:
-        raw = json.loads(config.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--model: {config} is not valid JSON ({err.msg})") from err
-    return _rebuild(raw, load(weights), uri)
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--model: {path} is not valid JSON ({err})") from err
+
+
+def _checkpoint_answer(state: Mapping[str, object], cfg: Config) -> tuple[int, tuple[str, ...]]:
+    """Head B's chosen sub-head and the matched class names of a checkpoint's last epoch."""
+    history, counts, classes = state.get("history"), state.get("counts"), state.get("classes")
+    last = history[-1] if isinstance(history, list) and history else {}
+    best = last.get("best_subhead", 0) if isinstance(last, dict) else 0
+    subhead = int(best) if isinstance(best, int | float) and 0 <= best < cfg.model.n_subheads else 0
+    unnamed = ("",) * cfg.model.n_clusters_b
+    if not (isinstance(counts, torch.Tensor) and isinstance(classes, Sequence)):
+        return subhead, unnamed  # a checkpoint from before the counts were kept
+    if counts.shape != (cfg.model.n_subheads, cfg.model.n_clusters_b, len(classes)):
+        return subhead, unnamed
+    return subhead, tuple(matched_names(counts[subhead], [str(c) for c in classes]))
+
+
+def _checked_answer(info: object, cfg: Config, path: Path) -> tuple[int, tuple[str, ...]]:
+    """``info.json``'s sub-head and names, checked against the config's heads.
+
+    Raises:
+        ConfigError: one line naming the file and what it should hold.
+    """
+    k, n = cfg.model.n_clusters_b, cfg.model.n_subheads
+    subhead = info.get("subhead") if isinstance(info, dict) else None
+    names = info.get("names") if isinstance(info, dict) else None
+    if not (
+        isinstance(subhead, int)
+        and not isinstance(subhead, bool)
+        and 0 <= subhead < n
+        and isinstance(names, list)
+        and len(names) == k
+        and all(isinstance(name, str) for name in names)
+    ):
+        raise ConfigError(
+            f'--model: {path}: expected {{"subhead": an integer in [0, {n}), "names": {k} strings}}'
+        )
+    return subhead, tuple(names)
 
 
 def _rebuild(config: object, weights: object, uri: str) -> tuple[torch.nn.Module, Config]:

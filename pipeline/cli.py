@@ -158,6 +158,52 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+    from pipeline.segment.run import SegmentOptions, read_names, segment
+
+    tracking.use(tracking.resolve_uri(args.tracking_uri))
+    opts = SegmentOptions(
+        head=args.head,
+        subhead=args.subhead,
+        core=args.core,
+        margin=args.margin,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        gpu=args.gpu,
+        probabilities=args.probabilities,
+        names=read_names(args.names) if args.names else (),
+        overwrite=args.overwrite,
+        preview_size=args.preview_size,
+        progress=not args.no_progress,
+    )
+    report = segment(args.model, args.src, args.out, opts, say=_say)
+    for _source, outputs, _ in report.done:
+        print(f"map: {outputs.clusters}")
+        if opts.probabilities:
+            print(f"probabilities: {outputs.probabilities}")
+        print(f"preview: {outputs.preview}")
+    pixels = sum(s.height * s.width for s, _, _ in report.done)
+    print(
+        f"segmented {len(report.done)} raster(s), {pixels / 1e6:.1f} megapixels in "
+        f"{report.seconds:.1f} s; {len(report.skipped)} already done, "
+        f"{len(report.failed)} failed"
+    )
+    if report.failed:
+        print(f"iid segment: {len(report.failed)} raster(s) not segmented:", file=sys.stderr)
+        for line in report.failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _say(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line)  # above the progress bar, when there is one
+
+
 # TilingOptions field <- argparse destination, for the options a `prepare` kind takes.
 _TILING_FLAGS = {
     "tile": "tile",
@@ -500,6 +546,69 @@ def _add_evaluate(sub, tracking: argparse.ArgumentParser) -> None:
     ev.set_defaults(func=_evaluate)
 
 
+def _add_segment(sub, tracking: argparse.ArgumentParser) -> None:
+    seg = sub.add_parser(
+        "segment",
+        parents=[tracking],
+        help="segment whole rasters with a trained model into georeferenced maps (COG)",
+        description="Segment rasters of any size with a trained model, as Ray Data batch "
+        "inference: overlapping windows (each core read with a margin of context, only the "
+        "core kept, so tile borders leave no seam), scored by a pool of model actors, written "
+        "as a tiled, compressed Cloud-Optimised GeoTIFF per raster (uint8 cluster ids, nodata "
+        "255, the input's CRS and transform, overviews, a colour table), with a PNG preview. "
+        "A map gets its final name when complete; a rerun skips rasters already done.",
+    )
+    seg.add_argument(
+        "--model",
+        required=True,
+        help="a run folder, checkpoint, or MLflow model URI (models:/demo/latest)",
+    )
+    seg.add_argument(
+        "--src", required=True, help="a raster, a folder of rasters, or a glob ('tiles/*.tif')"
+    )
+    seg.add_argument("--out", default="segmented", help="output folder (default %(default)s)")
+    seg.add_argument(
+        "--head", choices=["A", "B"], default="B", help="B (default) or A (overclustering)"
+    )
+    seg.add_argument(
+        "--subhead", type=int, default=-1, help="sub-head (default: the model's choice)"
+    )
+    seg.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also write NAME_probabilities.tif: one uint8 band per cluster, p * 254",
+    )
+    seg.add_argument(
+        "--names",
+        metavar="FILE",
+        help="YAML list (or id: name mapping) of cluster names for the legend and band "
+        "description (default: the classes the clusters matched on labelled held-out data)",
+    )
+    seg.add_argument(
+        "--core", type=int, default=256, help="kept pixels per window side (multiple of 16)"
+    )
+    seg.add_argument(
+        "--margin",
+        type=int,
+        default=32,
+        help="context read around each core (default %(default)s; 0 turns blending off)",
+    )
+    seg.add_argument("--batch-size", type=int, default=8, help="windows per scored batch")
+    seg.add_argument("--actors", type=int, default=1, help="model actors (default %(default)s)")
+    seg.add_argument(
+        "--cpus-per-actor", type=float, default=2.0, help="CPUs (torch threads) per CPU actor"
+    )
+    seg.add_argument("--gpu", action="store_true", help="one GPU per model actor")
+    seg.add_argument(
+        "--overwrite", action="store_true", help="redo rasters whose map already exists"
+    )
+    seg.add_argument(
+        "--preview-size", type=int, default=1024, help="longest side of the preview PNG"
+    )
+    seg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    seg.set_defaults(func=_segment)
+
+
 def _add_prepare(sub) -> None:
     prep = sub.add_parser(
         "prepare",
@@ -719,6 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub, run)
     _add_tune(sub, run)
     _add_evaluate(sub, tracking)
+    _add_segment(sub, tracking)
     _add_prepare(sub)
     return parser
 

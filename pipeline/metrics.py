@@ -9,6 +9,7 @@ workers merge by addition (or one ``all_reduce``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,34 @@ def hungarian_mapping(counts: np.ndarray) -> np.ndarray:
     mapping = np.full(counts.shape[0], -1, dtype=np.int64)
     mapping[rows] = cols
     return mapping
+
+
+def matched_names(counts: np.ndarray | torch.Tensor, classes: Sequence[str]) -> list[str]:
+    """The class each cluster stands for, by Hungarian one-to-one matching of the counts.
+
+    Args:
+        counts: (K clusters, M classes) confusion counts of one sub-head.
+        classes: the M class names, in the order of the counts' columns.
+
+    Returns:
+        K names: a cluster's matched class, or "" for a cluster left unmatched (more clusters
+        than classes) and for every cluster when nothing was counted (data without labels).
+
+    Raises:
+        ValueError: if the counts are not (K, M) with M the number of class names.
+    """
+    if isinstance(counts, torch.Tensor):
+        counts = counts.detach().cpu().numpy()
+    counts = np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] != len(classes):
+        raise ValueError(
+            f"counts of shape {counts.shape} for {len(classes)} class names; expected (K, "
+            f"{len(classes)})"
+        )
+    if counts.sum() == 0:
+        # A matching of zeros is arbitrary: it would name clusters after classes never seen.
+        return [""] * counts.shape[0]
+    return [classes[c] if c >= 0 else "" for c in hungarian_mapping(counts)]
 
 
 def majority_mapping(counts: np.ndarray) -> np.ndarray:

@@ -96,6 +96,33 @@ def overlay_figure(ev: Evaluation, classes: Sequence[str]) -> plt.Figure | None:
     return plot_overlays(ev, classes) if labelled else plot_clusters(ev)
 
 
+def plot_map_preview(image: np.ndarray, ids: np.ndarray, labels: Sequence[str]) -> plt.Figure:
+    """A segmented raster at preview size: the image beside its cluster map, with a legend.
+
+    Args:
+        image: (B, h, w) in [0, 1] (the first three bands are shown; one band as grey).
+        ids: (h, w) cluster ids; 255 (no data) is left white.
+        labels: legend text of each cluster, in cluster order.
+    """
+    palette = np.vstack([class_palette(len(labels)), np.ones((256 - len(labels), 3))])
+    h, w = ids.shape
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5 * h / w + 0.8), squeeze=False)
+    _show_image(axes[0, 0], image)
+    axes[0, 1].imshow(palette[ids], interpolation="nearest")
+    for ax, title in zip(axes[0], ("image", "clusters"), strict=True):
+        ax.set_title(title)
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i]) for i in range(len(labels))]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: Path, dpi: int = 100) -> Path:
+    """Write ``fig`` as a PNG under a temporary name, then rename it to ``path``."""
+    return _save(fig, path, dpi)
+
+
 def close(fig: plt.Figure) -> None:
     plt.close(fig)
 

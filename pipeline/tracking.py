@@ -6,18 +6,24 @@ of rank 0, then once, after training, the plots as artifacts, the final ``eval_*
 the model, registered under the run name. MLflow is imported inside the functions, so the
 modules below the driver load it only when they track something.
 
-The model is logged as data, not code: ``model/weights.pt`` (a state dict) and
-``model/config.json`` (the training config), loaded by ``checkpoint.load_model`` with
-``weights_only=True``. A pickled model would run whatever the registry holds on every machine
-that evaluates it.
+The model is logged as data: ``weights.pt`` (a state dict), ``config.json`` (the training
+config) and ``info.json`` (the label-free choice of sub-head, the class each cluster was matched
+to), loaded by ``checkpoint.load_trained`` with ``weights_only=True``. A pickled model would run
+whatever the registry holds on every machine that evaluates it. The same files are the artifacts
+of a pyfunc model logged "from code" (``pipeline/serving.py``, its ``predict``), so that
+``mlflow.pyfunc.load_model`` serves it, and nothing of it is a cloudpickle either.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +33,13 @@ from pipeline.config import Config, ConfigError
 
 REPORT_TAG = "iid.report"  # set once the final report is logged: a resumed run skips it
 MODEL_DIR = "model"  # the run's artifact folder of the model
-WEIGHTS_FILE, CONFIG_FILE = "weights.pt", "config.json"
+WEIGHTS_FILE, CONFIG_FILE, INFO_FILE = "weights.pt", "config.json", "info.json"
+# The pyfunc model's artifact names of those files (its MLmodel maps each to a path).
+MODEL_ARTIFACTS = {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "info": INFO_FILE}
+SERVING_CODE = Path(__file__).with_name("serving.py")  # the pyfunc model, logged as code
+# What the serving code imports (the pipeline package travels with the model as code), pinned
+# to the versions installed here.
+SERVING_REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "scipy", "pyarrow", "PyYAML")
 RUN_ID_FILE = "mlflow_run_id"  # in the run folder: a resumed run logs to the same record
 
 
@@ -170,10 +182,28 @@ def log_report(
     model: torch.nn.Module,
     metrics: Mapping[str, float],
     plots: Iterable[Path],
+    *,
+    info: Mapping[str, object],
 ) -> str:
-    """Log the plots, the final metrics and the model (weights and config), registered under
-    the run name, to an existing run, then tag the report done. Returns the registered model's
-    URI (``models:/NAME/VERSION``)."""
+    """Log the plots, the final metrics and the model to an existing run, register the model
+    under the run name, then tag the report done.
+
+    The model is a pyfunc model logged from code (``pipeline/serving.py``) whose artifacts are
+    ``weights.pt``, ``config.json`` and ``info.json``: no Python object of it is pickled.
+
+    Args:
+        uri: the tracking URI.
+        run_id: the run to log to.
+        cfg: the training config (``config.json``; the signature's band count and pixel type).
+        model: the trained network (its state dict becomes ``weights.pt``).
+        metrics: the final ``eval_*`` metrics.
+        plots: image files logged under ``plots/``.
+        info: ``{"subhead": head B's chosen sub-head, "names": the class matched to each
+            cluster of head B, "" where none}``, written as ``info.json``.
+
+    Returns:
+        The registered model's URI (``models:/NAME/VERSION``).
+    """
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -182,16 +212,83 @@ def log_report(
         for p in plots:
             mlflow.log_artifact(str(p), artifact_path="plots")
         mlflow.log_metrics(dict(metrics))
-        torch.save(model.cpu().state_dict(), Path(tmp) / WEIGHTS_FILE)
-        (Path(tmp) / CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
-        mlflow.log_artifacts(tmp, artifact_path=MODEL_DIR)
+        files = _write_model_files(Path(tmp), cfg, model, info)
+        model_id = _log_pyfunc(cfg, files)
         if not client.search_registered_models(filter_string=f"name = '{cfg.run.name}'"):
             client.create_registered_model(cfg.run.name)
+        # Registered here rather than by log_model(registered_model_name=...), which prints
+        # two lines of its own; the source is the logged model, as log_model would give it.
         version = client.create_model_version(
-            cfg.run.name, mlflow.get_artifact_uri(MODEL_DIR), run_id=run_id
+            cfg.run.name, f"models:/{model_id}", run_id=run_id, model_id=model_id
         )
         mlflow.set_tag(REPORT_TAG, "done")
     return f"models:/{cfg.run.name}/{version.version}"
+
+
+def _write_model_files(
+    folder: Path, cfg: Config, model: torch.nn.Module, info: Mapping[str, object]
+) -> dict[str, str]:
+    """Write weights, config and info into ``folder``; returns artifact name -> path."""
+    torch.save(model.cpu().state_dict(), folder / WEIGHTS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
+    (folder / INFO_FILE).write_text(json.dumps(dict(info)))
+    return {name: str(folder / file) for name, file in MODEL_ARTIFACTS.items()}
+
+
+def _log_pyfunc(cfg: Config, artifacts: Mapping[str, str]) -> str:
+    """Log the serving code with ``artifacts`` as the active run's pyfunc model ``model``;
+    returns its logged model id (``m-...``)."""
+    import mlflow.pyfunc
+
+    from pipeline.serving import signature
+
+    # The signature is given, the requirements pinned and no input example kept, so MLflow
+    # neither infers requirements (a subprocess loading the model) nor warns about either.
+    # Its uv detection would copy the working directory's uv.lock into the model: the
+    # requirements below are the model's environment, whatever project training ran in. The
+    # artifacts are copied from local files: no progress bars for that.
+    quiet = {
+        "MLFLOW_UV_AUTO_DETECT": "false",
+        "MLFLOW_LOG_UV_FILES": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    with _environment(quiet), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*input example", category=UserWarning)
+        logged = mlflow.pyfunc.log_model(
+            name=MODEL_DIR,
+            python_model=str(SERVING_CODE),
+            artifacts=dict(artifacts),
+            code_paths=[str(SERVING_CODE.parent)],
+            signature=signature(cfg),
+            pip_requirements=pinned_requirements(),
+        )
+    return logged.model_id
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def pinned_requirements() -> list[str]:
+    """``name==version`` of each package the serving code needs, as installed here.
+
+    A local version label (``torch 2.14.1+cu130``) is dropped: ``==2.14.1`` is what an index
+    offers, and the local build here still satisfies it.
+    """
+    return [
+        f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in SERVING_REQUIREMENTS
+    ]
 
 
 def download_model(uri: str) -> Path:
@@ -207,6 +304,58 @@ def download_model(uri: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as err:  # noqa: BLE001 - MLflow raises many types for a bad URI
         raise ConfigError(f"--model: cannot load {uri} ({str(err).splitlines()[0][:200]})") from err
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files of a logged model in a local folder.
+
+    Attributes:
+        weights: ``weights.pt``, the state dict.
+        config: ``config.json``, the training config.
+        info: ``info.json`` (chosen sub-head, matched class names); None for models logged
+            before it was written.
+    """
+
+    weights: Path
+    config: Path
+    info: Path | None
+
+
+def model_files(folder: Path) -> ModelFiles | None:
+    """Find the weights, config and info of a downloaded model, whatever its layout: the
+    paths a pyfunc model's ``MLmodel`` gives its artifacts (this pipeline's models since
+    the pyfunc flavour), else the files at the top of the folder (models registered before).
+    Only file names and the YAML of ``MLmodel`` are read; nothing is loaded.
+
+    Args:
+        folder: the local model folder (``download_model``'s).
+
+    Returns:
+        The files, or None when the folder holds no weights and config (a model logged by
+        something else, such as a pickled one).
+    """
+    import yaml
+
+    found = {name: folder / file for name, file in MODEL_ARTIFACTS.items()}
+    mlmodel = folder / "MLmodel"
+    if mlmodel.is_file():
+        try:
+            spec = yaml.safe_load(mlmodel.read_text())
+            artifacts = spec["flavors"]["python_function"]["artifacts"]
+        except (yaml.YAMLError, KeyError, TypeError, UnicodeDecodeError):
+            artifacts = {}  # not a pyfunc model with artifacts: only the flat layout applies
+        root = folder.resolve()
+        for name in MODEL_ARTIFACTS:
+            entry = artifacts.get(name) if isinstance(artifacts, dict) else None
+            path = entry.get("path") if isinstance(entry, dict) else None
+            # The MLmodel is the registry's word: a path leading out of the folder is ignored.
+            if isinstance(path, str) and (root / path).resolve().is_relative_to(root):
+                found[name] = root / path
+    if not (found["weights"].is_file() and found["config"].is_file()):
+        return None
+    info = found["info"] if found["info"].is_file() else None
+    return ModelFiles(weights=found["weights"], config=found["config"], info=info)
 
 
 # ------------------------------------------------------------------------------ searches

@@ -33,6 +33,7 @@ from pipeline.data.pairs import pair_dataset
 from pipeline.data.read import rows, shard_batches
 from pipeline.dist import all_reduce, global_sum, outside_ddp, worker_nodes
 from pipeline.evaluate import Evaluation, evaluate_model, score
+from pipeline.metrics import matched_names
 from pipeline.models import build_model
 from pipeline.objective import pair_losses
 from pipeline.plots import close, overlay_figure, write_plots
@@ -445,7 +446,15 @@ def finish_run(job: Job, final: Checkpoint, run_dir: str) -> dict:
     plots = storage.join(run_dir, "plots")
     with storage.staged_dir(plots) as drawn:
         paths = write_plots(ev, classes, state["history"], drawn)
-        model_uri = tracking.log_report(uri, job.run_id, cfg, model, ev.summary(), paths)
+        model_uri = tracking.log_report(
+            uri,
+            job.run_id,
+            cfg,
+            model,
+            ev.summary(),
+            paths,
+            info={"subhead": ev.best, "names": matched_names(ev.counts[ev.best], classes)},
+        )
     # Where the checkpoint is kept (``final`` may be a temporary download of it).
     name = os.path.basename(final.path.rstrip("/"))
     kept = storage.join(run_dir, name) if storage.is_uri(run_dir) else final.path

@@ -16,6 +16,7 @@ from pipeline.metrics import (
     ari_from_counts,
     cluster_scores,
     confusion_counts,
+    matched_names,
     nmi_from_counts,
 )
 
@@ -122,3 +123,15 @@ def test_empty_counts_are_a_clear_error():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="pred shape"):
         confusion_counts(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2, 2)
+
+
+def test_matched_names_follow_the_hungarian_matching():
+    classes = ["roads", "buildings", "trees"]
+    counts = np.array([[0, 7, 1], [6, 0, 2], [1, 1, 9], [0, 2, 0]])
+    # More clusters than classes: the one left unmatched has no name.
+    assert matched_names(counts, classes) == ["buildings", "roads", "trees", ""]
+    assert matched_names(torch.from_numpy(counts[:2]), classes) == ["buildings", "roads"]
+    # Data without labels: nothing counted, nothing named (a matching of zeros is arbitrary).
+    assert matched_names(np.zeros((3, 3), int), classes) == ["", "", ""]
+    with pytest.raises(ValueError, match=r"counts of shape \(4, 3\) for 2 class names"):
+        matched_names(counts, classes[:2])

@@ -76,7 +76,11 @@ def test_registered_models_load_as_weights_and_planted_code_is_refused(tmp_path,
     )
     model = build_model(cfg.model)
     run_id = tracking.run_for(uri, cfg, tmp_path / "runs" / "good")
-    assert tracking.log_report(uri, run_id, cfg, model, {"eval_acc": 0.5}, []) == "models:/good/1"
+    info = {"subhead": 1, "names": ["", "", ""]}
+    assert (
+        tracking.log_report(uri, run_id, cfg, model, {"eval_acc": 0.5}, [], info=info)
+        == "models:/good/1"
+    )
     for name in ("models:/good/1", "models:/good/latest", f"runs:/{run_id}/model"):
         loaded, loaded_cfg = load_model(name)
         assert loaded_cfg == cfg and not loaded.training

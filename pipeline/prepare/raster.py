@@ -82,23 +82,28 @@ class TileGrid:
         return round(out_row / self.scale), round((rows or self.tile) / self.scale)
 
 
-def _open(path: Path):
+def open_raster(path: Path | str):
+    """An open rasterio dataset (no warning for a raster without georeferencing).
+
+    Raises:
+        PrepareError: one line naming the file when GDAL cannot open it.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return rasterio.open(path)
     except RasterioError as err:
-        raise PrepareError(f"{path}: not a readable raster ({_first_line(err)})") from err
+        raise PrepareError(f"{path}: not a readable raster ({first_line(err)})") from err
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
 
 def raster_info(path: Path) -> tuple[int, int, int]:
     """(bands, height, width) of a raster, with a one-line error if it cannot be opened."""
-    with _open(path) as src:
+    with open_raster(path) as src:
         return src.count, src.height, src.width
 
 
@@ -114,7 +119,7 @@ def _read_band(
     except RasterioError as err:
         raise PrepareError(
             f"{path}: read failed at rows {window.row_off}-{window.row_off + window.height} "
-            f"(truncated or corrupt? {_first_line(err)})"
+            f"(truncated or corrupt? {first_line(err)})"
         ) from err
 
 
@@ -124,7 +129,7 @@ def _source_window(src, grid: TileGrid, out_row: int, rows: int) -> Window:
     return Window(0, row_off, src.width, max(1, min(src_rows, src.height - row_off)))
 
 
-def _mask_kind(src) -> str:
+def mask_kind(src) -> str:
     """How the raster marks pixels without data: "nodata" (a nodata value), "mask" (an internal
     or sidecar mask) or "" (none). An alpha band is not read as a mask: GDAL calls the 4th band
     of any 4-band 8-bit TIFF alpha, and there it is usually near infrared."""
@@ -137,18 +142,23 @@ def _mask_kind(src) -> str:
 
 
 def _valid_band(src, grid: TileGrid, out_row: int, rows: int, band: np.ndarray) -> np.ndarray:
-    """(rows, width) bool: the pixels with data (a pixel is nodata when all its bands hold the
-    nodata value, as in GDAL's dataset mask) and, for float imagery, finite in every band;
-    non-finite values are set to 0 in ``band``."""
+    """(rows, width) bool: ``valid_pixels`` of output rows [out_row, out_row + rows)."""
+    return valid_pixels(src, band, _source_window(src, grid, out_row, rows))
+
+
+def valid_pixels(src, band: np.ndarray, window: Window) -> np.ndarray:
+    """(h, w) bool: the pixels of ``band`` (every band of ``window``, read at (h, w)) that
+    hold data: not nodata (a pixel is nodata when all its bands hold the nodata value, as in
+    GDAL's dataset mask), inside the raster's mask, and, for float imagery, finite in every
+    band; non-finite values are set to 0 in ``band``."""
     valid = np.ones(band.shape[1:], dtype=bool)
-    kind = _mask_kind(src)
+    kind = mask_kind(src)
     if kind == "nodata":
         nodata = src.nodata
         same = np.isnan(band) if np.isnan(nodata) else band == nodata
         valid &= ~same.all(axis=0)
     elif kind == "mask":
-        window = _source_window(src, grid, out_row, rows)
-        valid &= src.dataset_mask(window=window, out_shape=(rows, grid.out_width)) != 0
+        valid &= src.dataset_mask(window=window, out_shape=band.shape[1:]) != 0
     if band.dtype.kind == "f":
         finite = np.isfinite(band)
         if not finite.all():
@@ -192,14 +202,14 @@ def iter_tiles(
     """
     # GDAL's block cache defaults to 5% of RAM and would grow with the raster; two rows of
     # blocks are all a band-by-band pass ever reuses.
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), _open(image_path) as src:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_raster(image_path) as src:
         if expect_bands is not None and src.count != expect_bands:
             raise PrepareError(
                 f"{image_path}: has {src.count} bands, expected {expect_bands} for this variant"
             )
         if (src.height, src.width) != (grid.height, grid.width):
             raise PrepareError(f"{image_path}: size changed while reading")
-        lab = _open(label_path) if label_path is not None else None
+        lab = open_raster(label_path) if label_path is not None else None
         try:
             if lab is not None and (lab.height, lab.width) != (src.height, src.width):
                 raise PrepareError(
