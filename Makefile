@@ -15,12 +15,15 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	touch $(STAMP)
 
-# The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report.
+# The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report,
+# then segment the scene's whole raster into a georeferenced map.
 # Re-running resumes the finished run instead of retraining; `make clean` starts over.
 demo: $(STAMP)
 	$(VENV)/bin/iid prepare synthetic $(DEMO_DIR)/synthetic --no-progress --overwrite
 	$(VENV)/bin/iid train --config configs/demo.yaml
 	$(VENV)/bin/iid evaluate --model models:/demo/latest --data $(DEMO_DIR)/synthetic/shards
+	$(VENV)/bin/iid segment --model models:/demo/latest --src $(DEMO_DIR)/synthetic/raw/2_Ortho_RGB \
+		--out $(DEMO_DIR)/segmented
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

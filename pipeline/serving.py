@@ -24,45 +24,13 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel, PythonModelContext
-from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from pipeline.checkpoint import Trained, load_files
-from pipeline.config import Config
 from pipeline.data.format import to_unit
-from pipeline.tracking import ModelFiles
+from pipeline.tracking import DEFAULT_PARAMS, ModelFiles, id_type
 
 BATCH = 8  # images per forward pass: bounds the memory of the (n, K, H, W) probabilities
-# Defaults of ``predict``'s params; the signature's ParamSchema carries the same ones.
-DEFAULT_PARAMS: dict[str, Any] = {"head": "B", "subhead": -1, "probabilities": False}
-
-
-def pixel_type(cfg: Config) -> np.dtype:
-    """The pixel type ``predict`` takes: the training imagery's, float32 when not recorded."""
-    return np.dtype(cfg.data.dtype or "float32")
-
-
-def id_type(n_clusters: int) -> np.dtype:
-    """The smallest unsigned integer type that holds ``n_clusters`` cluster ids."""
-    return np.dtype(np.uint8 if n_clusters <= 256 else np.uint16)
-
-
-def signature(cfg: Config) -> ModelSignature:
-    """``predict``'s contract: images (N, in_channels, H, W) of the training pixel type in,
-    head B's cluster ids out ((N, H, W), or (N,) for clustering), and the params."""
-    ids = (-1, -1, -1) if cfg.model.task == "segmentation" else (-1,)
-    return ModelSignature(
-        inputs=Schema([TensorSpec(pixel_type(cfg), (-1, cfg.model.in_channels, -1, -1))]),
-        outputs=Schema([TensorSpec(id_type(cfg.model.n_clusters_b), ids)]),
-        params=ParamSchema(
-            [
-                ParamSpec("head", "string", DEFAULT_PARAMS["head"]),
-                ParamSpec("subhead", "long", DEFAULT_PARAMS["subhead"]),
-                ParamSpec("probabilities", "boolean", DEFAULT_PARAMS["probabilities"]),
-            ]
-        ),
-    )
 
 
 def predict(

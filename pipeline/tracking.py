@@ -25,7 +25,9 @@ import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import storage
@@ -225,6 +227,41 @@ def log_report(
     return f"models:/{cfg.run.name}/{version.version}"
 
 
+# Defaults of ``predict``'s params; the signature's ParamSchema carries the same ones.
+DEFAULT_PARAMS: dict[str, Any] = {"head": "B", "subhead": -1, "probabilities": False}
+
+
+def pixel_type(cfg: Config) -> np.dtype:
+    """The pixel type ``predict`` takes: the training imagery's, float32 when not recorded."""
+    return np.dtype(cfg.data.dtype or "float32")
+
+
+def id_type(n_clusters: int) -> np.dtype:
+    """The smallest unsigned integer type that holds ``n_clusters`` cluster ids."""
+    return np.dtype(np.uint8 if n_clusters <= 256 else np.uint16)
+
+
+def signature(cfg: Config):
+    """The pyfunc ``predict``'s contract (an MLflow ``ModelSignature``): images (N,
+    in_channels, H, W) of the training pixel type in, head B's cluster ids out ((N, H, W), or
+    (N,) for clustering), and the params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    ids = (-1, -1, -1) if cfg.model.task == "segmentation" else (-1,)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(pixel_type(cfg), (-1, cfg.model.in_channels, -1, -1))]),
+        outputs=Schema([TensorSpec(id_type(cfg.model.n_clusters_b), ids)]),
+        params=ParamSchema(
+            [
+                ParamSpec("head", "string", DEFAULT_PARAMS["head"]),
+                ParamSpec("subhead", "long", DEFAULT_PARAMS["subhead"]),
+                ParamSpec("probabilities", "boolean", DEFAULT_PARAMS["probabilities"]),
+            ]
+        ),
+    )
+
+
 def _write_model_files(
     folder: Path, cfg: Config, model: torch.nn.Module, info: Mapping[str, object]
 ) -> dict[str, str]:
@@ -239,8 +276,6 @@ def _log_pyfunc(cfg: Config, artifacts: Mapping[str, str]) -> str:
     """Log the serving code with ``artifacts`` as the active run's pyfunc model ``model``;
     returns its logged model id (``m-...``)."""
     import mlflow.pyfunc
-
-    from pipeline.serving import signature
 
     # The signature is given, the requirements pinned and no input example kept, so MLflow
     # neither infers requirements (a subprocess loading the model) nor warns about either.

@@ -19,10 +19,10 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("pipeline.objective", "pipeline.data.read", "pipeline.data.pairs", "pipeline.prepare"),
     ("pipeline.tracking",),
     ("pipeline.checkpoint",),
-    ("pipeline.evaluate",),
+    ("pipeline.evaluate", "pipeline.serving"),
     ("pipeline.plots",),
     ("pipeline.train", "pipeline.demo"),
-    ("pipeline.tune.search",),
+    ("pipeline.tune.search", "pipeline.segment"),
     ("pipeline.cli",),
 )
 PACKAGES = {"pipeline", "pipeline.data", "pipeline.tune"}  # their own __init__ only

@@ -333,3 +333,54 @@ def test_a_killed_run_leaves_no_map_and_a_rerun_finishes_then_skips(made, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["scene_clusters.tif", "scene_preview.png"]
     again = segment(str(made["model"]), str(made["raster"]), str(out), opts)
     assert not again.done and again.skipped == [(str(made["raster"]), first.done[0][1])]
+
+
+# ------------------------------------------------------------------------- real imagery
+def test_potsdam_mini_map_scores_as_iid_evaluate_does_on_the_same_pixels(
+    potsdam_mini, tmp_path, ray_cluster
+):
+    """A model trained on the real crop: its map of the whole GeoTIFF, scored against the label
+    raster, gives the ACC that `iid evaluate` gives on every tile of the crop (the same
+    pixels: 128 px tiles cover the 512 px crop exactly)."""
+    from pipeline.data.format import label_lut, read_manifest
+    from pipeline.evaluate import evaluate_uri
+    from pipeline.metrics import cluster_scores
+    from pipeline.prepare.potsdam import colours_to_classes, prepare_potsdam
+    from pipeline.prepare.run import TilingOptions
+    from pipeline.train import fit
+
+    opts = TilingOptions(tile=128, stride=128, progress=False, test_fraction=0.25)
+    manifest = prepare_potsdam(potsdam_mini, tmp_path / "shards", opts)
+    cfg = Config.from_dict(
+        {
+            "data": {"shards": str(tmp_path / "shards"), "merge": "potsdam3", "pairs_on": "worker"},
+            "model": {"n_clusters_a": 9, "n_clusters_b": 3, "width": 0.25},
+            "loss": {"lamb_b": 1.5, "half_window": 5},
+            "optim": {"lr": 0.002, "epochs": 2},
+            "pairs": {"crop": 64},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+            "run": {
+                "name": "pm",
+                "storage_path": str(tmp_path / "runs"),
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            },
+        }
+    )
+    fit(cfg)
+    run = str(tmp_path / "runs" / "pm")
+    ev, classes, _ = evaluate_uri(run, tmp_path / "shards", splits=list(manifest["splits"]))
+
+    image = next((potsdam_mini / "2_Ortho_RGB").glob("*.tif"))
+    report = segment(run, str(image), str(tmp_path / "maps"), SegmentOptions(progress=False))
+    with rasterio.open(report.done[0][1].clusters) as m, rasterio.open(image) as src:
+        assert (m.crs, m.transform, m.shape) == (src.crs, src.transform, src.shape)
+        ids = m.read(1)
+    with rasterio.open(next((potsdam_mini / "5_Labels_all_noBoundary").glob("*.tif"))) as lab:
+        lut, _ = label_lut(read_manifest(tmp_path / "shards"), "potsdam3")
+        target = lut[colours_to_classes(lab.read())]
+    scored = target != 255
+    assert (ids[scored] != 255).all()
+    counts = np.zeros((3, len(classes)), dtype=np.int64)
+    np.add.at(counts, (ids[scored], target[scored]), 1)
+    assert counts.sum() == ev.counts[ev.best].sum()  # the same pixels
+    assert cluster_scores(counts).acc == pytest.approx(ev.scores[ev.best].acc, abs=0.01)

@@ -124,7 +124,8 @@ def read_names(path: str) -> tuple[str, ...]:
 class SegmentReport:
     """What ``segment`` did, raster by raster."""
 
-    done: list[tuple[Source, Outputs, float]] = field(default_factory=list)  # with seconds
+    # with the seconds from the start of scoring to the map's completion
+    done: list[tuple[Source, Outputs, float]] = field(default_factory=list)
     skipped: list[tuple[str, Outputs]] = field(default_factory=list)  # already segmented
     failed: list[str] = field(default_factory=list)  # one line each
     windows: int = 0
@@ -384,7 +385,7 @@ def _run(
     }
     writers: dict[int, MapWriter] = {}
     failed: set[int] = set()
-    clock: dict[int, float] = {}
+    began = time.monotonic()
     bar = tqdm(
         total=len(items), unit="window", desc="segment", disable=None if opts.progress else True
     )
@@ -404,7 +405,6 @@ def _run(
                         writers.pop(i).abort()
                     continue
                 if i not in writers:
-                    clock[i] = time.monotonic()
                     writers[i] = MapWriter(
                         sources[i], layouts[i], out, the_plan.names, opts.probabilities, tags
                     )
@@ -413,9 +413,9 @@ def _run(
                 if writers[i].remaining == 0:
                     data = the_plan.config.data
                     outputs = writers.pop(i).finish(opts.preview_size, data.band_lo, data.band_hi)
-                    seconds = time.monotonic() - clock[i]
+                    seconds = time.monotonic() - began
                     report.done.append((sources[i], outputs, seconds))
-                    say(f"{sources[i].path} -> {outputs.clusters} ({seconds:.1f} s)")
+                    say(f"{sources[i].path} -> {outputs.clusters} (after {seconds:.1f} s)")
     finally:
         bar.close()
         for writer in writers.values():  # interrupted: nothing half-written keeps a final name
