@@ -29,7 +29,7 @@ from pipeline.config import Config, PairConfig
 from pipeline.data.format import check_data, label_lut, read_manifest
 from pipeline.data.read import iter_tiles
 from pipeline.losses import mutual_information, symmetrise_normalise
-from pipeline.metrics import ClusterScores, cluster_scores, confusion_counts
+from pipeline.metrics import ClusterScores, cluster_scores, confusion_counts, matched_names
 from pipeline.objective import View, aligned_views, view_loss
 
 log = logging.getLogger(__name__)
@@ -310,4 +310,8 @@ def format_evaluation(ev: Evaluation, classes: Sequence[str]) -> str:
             lines.append(f"{head}  (no labelled pixels){mark}")
         else:
             lines.append(f"{head}  {s.acc:.3f}  {s.nmi:.3f}  {s.ari:.3f}{mark}")
+    if ev.scores[ev.best] is not None:  # what `iid segment` names the clusters by default
+        names = matched_names(ev.counts[ev.best], classes)
+        pairs = ", ".join(f"{k} -> {n or '(none)'}" for k, n in enumerate(names))
+        lines.append(f"clusters of sub-head {ev.best} matched to classes: {pairs}")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from pipeline.config import Config
 from pipeline.data.format import label_lut, read_manifest
 from pipeline.data.read import iter_tiles
 from pipeline.evaluate import evaluate_model, format_evaluation
+from pipeline.metrics import matched_names
 from tests.conftest import small_synthetic
 
 BRIGHT_SHARE = 0.05  # of the pixels in sub-head 1's second cluster
@@ -74,3 +75,7 @@ def test_the_chosen_subhead_is_the_most_informative_not_the_lowest_lambda_b_loss
     table = format_evaluation(ev, classes).splitlines()
     assert table[3].endswith("<- highest MI (lowest lambda=1 loss)")
     assert "<-" not in table[2]
+    mapping = matched_names(ev.counts[1], classes)
+    assert table[4] == (
+        f"clusters of sub-head 1 matched to classes: 0 -> {mapping[0]}, 1 -> {mapping[1]}"
+    )
