@@ -11,6 +11,7 @@ tracking store, typed too.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -345,18 +346,37 @@ def coerce(tp: object, value: object, key: str):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        number = _number(value)
+        if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = _number(value)
+        if number is None or not float(number).is_integer():
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return int(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _number(value: object) -> int | float | None:
+    """A finite number as people write it, or None. YAML 1.1 (PyYAML) reads ``1e-3`` and
+    ``1E5`` as strings (it wants ``1.0e-3``); ``8.0`` is a float where an integer may be meant."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().replace("_", ""))
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:

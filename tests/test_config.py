@@ -32,6 +32,15 @@ def test_published_potsdam3_hyperparameters():
     ) == (1e-5, 75, 24, 3, 1.0, 1.5, 10, 4)
 
 
+def test_numbers_are_read_as_people_write_them(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string and 8.0 as a float; both mean what they say.
+    path = write(tmp_path, "data: {shards: x}\noptim: {lr: 1E-4}")
+    cfg = load_config(path, ["optim.epochs=8.0", "loss.lamb_b=2", "optim.lr=1e-3"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.loss.lamb_b) == (1e-3, 8, 2.0)
+    assert isinstance(cfg.optim.epochs, int) and isinstance(cfg.loss.lamb_b, float)
+    assert load_config(path).optim.lr == 1e-4
+
+
 def write(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -43,6 +52,9 @@ def write(tmp_path, text):
     [
         ("data: {shards: x}\nloss: {lamda_b: 2}", [], r"loss.lamda_b: unknown key"),
         ("data: {shards: x}\noptim: {epochs: two}", [], r"optim.epochs: expected an integer"),
+        ("data: {shards: x}", ["optim.epochs=8.5"], r"optim.epochs: expected an integer, got 8.5"),
+        ("data: {shards: x}", ["optim.lr=nan"], r"optim.lr: expected a number, got 'nan'"),
+        ("data: {shards: x}", ["optim.lr=1e-3x"], r"optim.lr: expected a number, got '1e-3x'"),
         ("data: {shards: x}\nloss: {lamb_b: 0}", [], r"loss.lamb_b: expected > 0, got 0.0"),
         ("data: {shards: x}", ["loss.lamb_a=-1"], r"loss.lamb_a: expected > 0"),
         ("model: {}", [], r"data: missing required key"),
