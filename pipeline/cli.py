@@ -170,6 +170,7 @@ def _segment(args: argparse.Namespace) -> int:
         margin=args.margin,
         batch_size=args.batch_size,
         actors=args.actors,
+        readers=args.readers,
         cpus_per_actor=args.cpus_per_actor,
         gpu=args.gpu,
         probabilities=args.probabilities,
@@ -595,6 +596,9 @@ def _add_segment(sub, tracking: argparse.ArgumentParser) -> None:
     )
     seg.add_argument("--batch-size", type=int, default=8, help="windows per scored batch")
     seg.add_argument("--actors", type=int, default=1, help="model actors (default %(default)s)")
+    seg.add_argument(
+        "--readers", type=int, default=0, help="read tasks at once (default: one per actor)"
+    )
     seg.add_argument(
         "--cpus-per-actor", type=float, default=2.0, help="CPUs (torch threads) per CPU actor"
     )

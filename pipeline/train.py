@@ -203,9 +203,14 @@ def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, ev: Evaluation) -> di
 
 
 # ------------------------------------------------------------------------------- the driver
-def start_ray() -> None:
+def start_ray(dashboard: bool = True) -> None:
     """Join the cluster ``RAY_ADDRESS`` names, or start a local one (the default); callers
-    check the address first (``check_cluster``), before anything else starts."""
+    check the address first (``check_cluster``), before anything else starts.
+
+    Args:
+        dashboard: start a local cluster with its dashboard (Ray Train needs its state API;
+            batch inference does not, and saves its processes' memory).
+    """
     import ray
     import ray.data
 
@@ -220,7 +225,7 @@ def start_ray() -> None:
             # The dashboard serves the state API: without it Ray Train's placement-group
             # cleaner cannot see that a Tune trial's controller died, and the trial's CPUs
             # are never released (the next trial then waits forever on a small machine).
-            include_dashboard=True if local else None,
+            include_dashboard=dashboard if local else None,
             log_to_driver=verbose,
         )
     ray.data.DataContext.get_current().enable_progress_bars = False

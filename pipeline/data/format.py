@@ -18,14 +18,19 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipeline import IGNORE_INDEX, storage
 from pipeline.config import Config, ConfigError
+
+# torch only where a tensor is made: the readers of rasters and shards (Ray Data read tasks
+# among them) then run without it, half a gigabyte lighter per process.
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("train", "test", "unlabelled")
 MANIFEST = "manifest.json"
@@ -177,6 +182,8 @@ def from_wire(t: torch.Tensor) -> torch.Tensor:
     """A view as the pair stage sent it (the shard's integers, or float16) -> float32, scaled as
     ``to_unit`` scales without a stretch: integers divided by their dtype's maximum, floats as
     they are (a stretched view travels as float16)."""
+    import torch
+
     if t.is_floating_point():
         return t.float()
     return t.float().mul_(1 / torch.iinfo(t.dtype).max)

@@ -29,7 +29,7 @@ from rasterio.windows import Window
 from pipeline import IGNORE_INDEX, storage
 from pipeline.config import Config, ConfigError
 from pipeline.data.format import PrepareError
-from pipeline.prepare.raster import first_line, open_raster, valid_pixels
+from pipeline.prepare.raster import GDAL_CACHE_MB, first_line, open_raster, valid_pixels
 from pipeline.segment.layout import Layout
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,68 @@ def read_window(src, layout: Layout, row: int, col: int) -> tuple[np.ndarray, np
     valid[inner] = valid_pixels(src, band, window)
     raw[(slice(None), *inner)] = band
     return raw, valid
+
+
+# Rasters a read worker keeps open between batches: GDAL's block cache of a raster lives with
+# its open dataset, and a window shares blocks with its neighbours (the margins). Keyed by the
+# run as well as the path, so a later run never reads through a stale handle.
+_OPEN: dict[tuple[str, str], object] = {}
+_KEEP_OPEN = 4
+
+
+def _cached(run: str, path: str):
+    key = (run, path)
+    if key not in _OPEN:
+        while len(_OPEN) >= _KEEP_OPEN:
+            _OPEN.pop(next(iter(_OPEN))).close()
+        _OPEN[key] = open_raster(path)
+    return _OPEN[key]
+
+
+def read_windows(
+    batch: dict[str, np.ndarray],
+    run: str,
+    paths: Sequence[str],
+    core: int,
+    margin: int,
+    bands: int,
+    dtype: str,
+) -> dict[str, np.ndarray]:
+    """The read stage of ``iid segment``: the windows of a batch of cores (``raster``: index
+    into ``paths``, ``row``, ``col``) of rasters of ``bands`` bands of ``dtype``.
+
+    A window that cannot be read comes back as an ``error`` line (and zeros), so one bad raster
+    fails alone.
+
+    Args:
+        batch: the cores, as Ray Data hands them over.
+        run: an id of the run (rasters are kept open per run).
+        paths: the rasters.
+        core, margin: the layout.
+        bands, dtype: of every raster (checked before the run).
+
+    Returns:
+        The batch with ``image`` (n, bands, tile, tile), ``valid`` (n, tile, tile) and
+        ``error`` added.
+    """
+    t = core + 2 * margin
+    images = np.zeros((len(batch["raster"]), bands, t, t), dtype=dtype)
+    valid = np.zeros((len(batch["raster"]), t, t), dtype=bool)
+    errors = []
+    # A bounded block cache: GDAL's default (5% of RAM) would grow with the raster.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
+        for j, (i, r, c) in enumerate(
+            zip(batch["raster"], batch["row"], batch["col"], strict=True)
+        ):
+            try:
+                src = _cached(run, paths[i])
+                layout = Layout(src.height, src.width, core, margin)
+                images[j], valid[j] = read_window(src, layout, int(r), int(c))
+                errors.append("")
+            except (PrepareError, RasterioError, OSError) as err:
+                errors.append(str(err).splitlines()[0])
+    out = {k: batch[k] for k in ("raster", "row", "col")}
+    return out | {"image": images, "valid": valid, "error": np.array(errors, dtype=object)}
 
 
 def cluster_colours(k: int) -> dict[int, tuple[int, int, int, int]]:

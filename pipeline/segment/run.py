@@ -2,7 +2,8 @@
 actors, write each raster's map on the driver.
 
 1. **Read** (Ray tasks): each row names a core of a raster (``layout``); ``read_windows`` reads
-   its window with the margin, padded past the border, and the valid mask.
+   its window with the margin, padded past the border, and the valid mask (torch-free, so a
+   read worker costs no more than GDAL and numpy).
 2. **Score** (``Scorer``, an ``ActorPoolStrategy`` pool; one GPU per actor with ``gpu``): the
    model's probabilities of the chosen head and sub-head on the window, of which the core is
    kept as cluster ids (nodata 255 where the input has none) and, if asked, probabilities.
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,7 +36,7 @@ from pipeline.checkpoint import load_trained
 from pipeline.config import Config, ConfigError
 from pipeline.data.format import PrepareError, to_unit
 from pipeline.models import build_model
-from pipeline.prepare.raster import GDAL_CACHE_MB, open_raster
+from pipeline.prepare.raster import GDAL_CACHE_MB
 from pipeline.segment.layout import Layout
 from pipeline.segment.rasters import (
     NODATA,
@@ -44,7 +46,7 @@ from pipeline.segment.rasters import (
     Source,
     find_rasters,
     inspect,
-    read_window,
+    read_windows,
     remove_parts,
 )
 
@@ -61,6 +63,8 @@ class SegmentOptions:
         core, margin: the window layout (``Layout``); margin 0 turns blending off.
         batch_size: windows per batch an actor scores.
         actors: model actors in the pool.
+        readers: read tasks at once (0: one per actor; a read is far quicker than scoring,
+            and every concurrent task is a worker process's memory).
         cpus_per_actor: CPUs (and torch threads) of each CPU actor.
         gpu: one GPU per actor.
         probabilities: also write per-cluster probabilities.
@@ -77,6 +81,7 @@ class SegmentOptions:
     margin: int = 32
     batch_size: int = 8
     actors: int = 1
+    readers: int = 0
     cpus_per_actor: float = 2.0
     gpu: bool = False
     probabilities: bool = False
@@ -90,6 +95,8 @@ class SegmentOptions:
         for key, value in (("--batch-size", self.batch_size), ("--actors", self.actors)):
             if value < 1:
                 raise ConfigError(f"{key}: expected >= 1, got {value}")
+        if self.readers < 0:
+            raise ConfigError(f"--readers: expected >= 0, got {self.readers}")
         if self.head not in ("A", "B"):
             raise ConfigError(f"--head: expected A or B, got {self.head!r}")
 
@@ -170,48 +177,6 @@ def plan(model_uri: str, opts: SegmentOptions) -> Plan:
     names = tuple(names) + ("",) * (k - len(names))
     weights = {key: v.cpu() for key, v in trained.model.state_dict().items()}
     return Plan(cfg, weights, opts.head, subhead, names)
-
-
-def read_windows(
-    batch: dict[str, np.ndarray],
-    paths: Sequence[str],
-    core: int,
-    margin: int,
-    bands: int,
-    dtype: str,
-) -> dict[str, np.ndarray]:
-    """Read stage: the windows of a batch of cores (``raster``: index into ``paths``, ``row``,
-    ``col``) of rasters of ``bands`` bands of ``dtype``. A window that cannot be read comes
-    back as an ``error`` line (and zeros), so one bad raster fails alone."""
-    images, valid, errors = [], [], []
-    open_sources: dict[int, object] = {}
-    try:
-        for i, r, c in zip(batch["raster"], batch["row"], batch["col"], strict=True):
-            try:
-                if i not in open_sources:
-                    open_sources[i] = open_raster(paths[i])
-                src = open_sources[i]
-                layout = Layout(src.height, src.width, core, margin)
-                image, ok = read_window(src, layout, int(r), int(c))
-                errors.append("")
-            except (PrepareError, rasterio.errors.RasterioError, OSError) as err:
-                image, ok = None, None
-                errors.append(str(err).splitlines()[0])
-            images.append(image)
-            valid.append(ok)
-    finally:
-        for src in open_sources.values():
-            src.close()
-    t = core + 2 * margin
-    template = np.zeros((bands, t, t), dtype=dtype)  # the image of a window that failed
-    return {
-        "raster": batch["raster"],
-        "row": batch["row"],
-        "col": batch["col"],
-        "image": np.stack([im if im is not None else np.zeros_like(template) for im in images]),
-        "valid": np.stack([ok if ok is not None else np.zeros((t, t), bool) for ok in valid]),
-        "error": np.array(errors, dtype=object),
-    }
 
 
 class Scorer:
@@ -333,13 +298,13 @@ def _run(
     say: Callable[[str], None],
 ) -> None:
     import ray.data
-    from ray.data import ActorPoolStrategy
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
     from tqdm import tqdm
 
     from pipeline.train import check_cluster, start_ray
 
     check_cluster()
-    start_ray()
+    start_ray(dashboard=False)
     layouts = [Layout(s.height, s.width, opts.core, opts.margin) for s in sources]
     items = [
         {"raster": i, "row": r, "col": c}
@@ -361,7 +326,9 @@ def _run(
         .map_batches(
             read_windows,
             batch_size=opts.batch_size,
+            compute=TaskPoolStrategy(size=opts.readers or opts.actors),
             fn_kwargs={
+                "run": uuid.uuid4().hex,
                 "paths": [s.path for s in sources],
                 "core": opts.core,
                 "margin": opts.margin,
