@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml
 # The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report,
 # then segment the scene's whole raster into a georeferenced map.
 # Re-running resumes the finished run instead of retraining; `make clean` starts over.
-demo: $(STAMP)
-	$(VENV)/bin/iid prepare synthetic $(DEMO_DIR)/synthetic --no-progress --overwrite
+demo: $(DEMO_DIR)/synthetic/shards/manifest.json
 	$(VENV)/bin/iid train --config configs/demo.yaml
 	$(VENV)/bin/iid evaluate --model models:/demo/latest --data $(DEMO_DIR)/synthetic/shards
 	$(VENV)/bin/iid segment --model models:/demo/latest --src $(DEMO_DIR)/synthetic/raw/2_Ortho_RGB \
 		--out $(DEMO_DIR)/segmented
+
+# The generated scene, prepared once (the manifest is written last: its presence means done).
+$(DEMO_DIR)/synthetic/shards/manifest.json: | $(STAMP)
+	$(VENV)/bin/iid prepare synthetic $(DEMO_DIR)/synthetic --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -37,4 +40,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/pairs.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) mlflow.db .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) mlflow.db mlruns .pytest_cache .ruff_cache

@@ -7,6 +7,7 @@ on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -40,12 +41,20 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.train import fit
+    from pipeline.config import load_config, to_yaml
+    from pipeline.train import ALREADY_FINISHED, dry_run, fit
 
     cfg = load_config(args.config, _overrides(args))
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    if args.dry_run:
+        for line in dry_run(cfg, args.extend):
+            print(line)
+        print("dry run: nothing started")
+        return 0
     try:
-        result = fit(cfg)
+        result = fit(cfg, extend=args.extend, say=_say)
     except KeyboardInterrupt:
         print(
             f"iid train: interrupted; the same command resumes run {cfg.run.name!r} from its "
@@ -54,6 +63,11 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 130
     m = result.metrics or {}
+    if result.return_value == ALREADY_FINISHED:
+        print(
+            f"run {cfg.run.name}: already finished, nothing trained (--extend with more "
+            "optim.epochs trains it further); its record:"
+        )
     print(
         f"run {cfg.run.name}: epoch {m.get('epoch')} of {cfg.optim.epochs}, "
         f"sub-head {m.get('best_subhead')} (highest MI): ACC {m.get('acc', float('nan')):.3f} "
@@ -463,6 +477,22 @@ def _add_train(sub, run: argparse.ArgumentParser) -> None:
         "run.name resumes from its last checkpoint.",
     )
     train.add_argument("--config", required=True, help="YAML config (see configs/)")
+    train.add_argument(
+        "--extend",
+        action="store_true",
+        help="train a finished run further: only optim.epochs may differ from its config",
+    )
+    train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the config after --set overrides (YAML) and exit",
+    )
+    train.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check config, data, tracking store, run folder and cluster address, say what "
+        "would run, start nothing",
+    )
     train.set_defaults(func=_train)
 
 
@@ -824,7 +854,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="iid",
         description="Invariant Information Distillation: unsupervised clustering and segmentation.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('iid-pipeline')}",
+    )
+    _verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     tracking = _tracking_option()
     run = _config_options(tracking)
@@ -834,20 +869,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub, tracking)
     _add_segment(sub, tracking)
     _add_prepare(sub)
+    _verbosity_everywhere(parser)
     return parser
+
+
+def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
+    """-v and -q: with defaults on the top-level parser only (``top``)."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if top else argparse.SUPPRESS,
+        help="-v: the project's progress logs (INFO); -vv: Ray's and MLflow's own too",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="errors only",
+    )
+
+
+def _verbosity_everywhere(parser: argparse.ArgumentParser) -> None:
+    """-v/-q after a sub-command too (``iid train --config X -v``); SUPPRESS keeps a sub-command
+    without them from resetting what was given before it."""
+    for action in parser._actions:  # argparse has no public walk over sub-commands
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _verbosity(sub, top=False)
+                _verbosity_everywhere(sub)
+
+
+def _set_verbosity(verbose: int, quiet: bool) -> None:
+    """-q: errors only; default: warnings and the project's own messages; -v: the project's
+    INFO logs; -vv: Ray's and MLflow's own logs too."""
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    theirs = logging.INFO if verbose >= 2 and not quiet else logging.WARNING
+    # The variable for processes that import MLflow later (Ray workers), the level for this one.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(theirs))
+    for name in ("mlflow", "ray", "alembic"):
+        logging.getLogger(name).setLevel(theirs)
+    if theirs == logging.INFO:
+        from pipeline.train import THIRD_PARTY_LOGS
+
+        os.environ[THIRD_PARTY_LOGS] = "1"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        # MLflow's own INFO lines (creating tables, experiments) only with -v; the variable for
-        # processes that import it later (Ray workers), the level for this one if it has.
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+    _set_verbosity(args.verbose, args.quiet)
     try:
         return args.func(args)
     except KeyboardInterrupt:

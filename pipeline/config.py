@@ -423,6 +423,19 @@ def read_mapping(path: str | Path, what: str) -> dict:
     return raw
 
 
+def to_yaml(cfg: Config) -> str:
+    """``cfg`` as YAML that ``load_config`` reads back into the same config."""
+
+    def plain(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply overrides, validate.
 

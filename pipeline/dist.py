@@ -23,9 +23,11 @@ def global_sum(joint: torch.Tensor) -> torch.Tensor:
     """
     if not _distributed() or dist.get_world_size() == 1:
         return joint
-    from torch.distributed.nn.functional import all_reduce
+    # The functional collective: differentiable (its backward all-reduces the gradient), where
+    # torch.distributed.nn.functional.all_reduce is deprecated.
+    from torch.distributed import _functional_collectives as fc
 
-    return all_reduce(joint)
+    return fc.wait_tensor(fc.all_reduce(joint, "sum", dist.group.WORLD))
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:

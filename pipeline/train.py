@@ -11,15 +11,15 @@ checkpoint. ``launch`` runs one job; ``iid train`` (``fit``) and every trial of 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import os
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"  # in the run folder, while a driver trains it
+THIRD_PARTY_LOGS = "IID_THIRD_PARTY_LOGS"  # "1": Ray's and MLflow's own logs shown (-vv)
+PROGRESS_FILE = "progress.json"  # in the run folder: the last epoch's metrics, by rank 0
+ALREADY_FINISHED = "already finished"  # the result's return_value when nothing was trained
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,6 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         clock.append(time.perf_counter())
         ev = Evaluation.of(tally)
         metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu(), ev)
+        metrics["loss_a"] = float(all_reduce(totals["A"]).mean())  # over head A's sub-heads
         metrics |= {"start_epoch": start_epoch, "n_nodes": len(set(nodes))} | _seconds(clock)
         history.append(metrics)
         # --- [4] checkpoint: rank 0 writes, every worker reports (a barrier) ---------------
@@ -165,6 +169,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if (figure := overlay_figure(ev, job.classes)) is not None:
                     logger.log_figure(figure, f"overlays/epoch_{epoch + 1:03d}.png")
                     close(figure)
+                # What the driver prints (``EpochLines``): worker output reaches it only with -v.
+                run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+                storage.write_json_atomic(storage.join(run_dir, PROGRESS_FILE), metrics)
             ray.train.report(metrics, checkpoint=saved)
 
 
@@ -214,12 +221,18 @@ def start_ray(dashboard: bool = True) -> None:
     import ray
     import ray.data
 
+    # Ray's own lines (its start-up notice, the token-authentication warning, Ray Data's
+    # execution plans) only where the user asked for them (-vv): `import ray` sets its logger
+    # to INFO whatever was set before.
+    own = os.environ.get(THIRD_PARTY_LOGS) == "1"
+    _quiet_ray_logs(own)
     if not ray.is_initialized():
         # Workers' log lines (Ray Data progress bars, controller notices) reach the terminal
         # only with -v; a failure still arrives as the exception fit() raises.
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
         local = not os.environ.get("RAY_ADDRESS")
         ray.init(
+            logging_level=logging.INFO if own else logging.WARNING,
             # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
             num_cpus=max(4, os.cpu_count() or 1) if local else None,
             # The dashboard serves the state API: without it Ray Train's placement-group
@@ -228,7 +241,28 @@ def start_ray(dashboard: bool = True) -> None:
             include_dashboard=dashboard if local else None,
             log_to_driver=verbose,
         )
+    _quiet_ray_logs(own)  # ray.init may have set up its handlers afresh
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _quiet_ray_logs(own: bool) -> None:
+    if own:
+        return
+    for name in ("ray", "ray.data", "ray.train"):
+        logger = logging.getLogger(name)
+        if name == "ray":
+            logger.setLevel(logging.WARNING)
+        for handler in logger.handlers:
+            if _ray_notices not in handler.filters:
+                handler.addFilter(_ray_notices)
+
+
+def _ray_notices(record: logging.LogRecord) -> bool:
+    """False for Ray's INFO lines and for its notices that say nothing a user of this project
+    must act on (warnings only by Ray's own standard); all of them are kept with -vv."""
+    text = record.getMessage()
+    notice = text.startswith(("Token authentication is enabled", "Progress bars disabled"))
+    return record.levelno >= logging.WARNING and not notice
 
 
 def check_cluster(wait_s: float = 30.0) -> None:
@@ -346,32 +380,104 @@ def _worker_error(err: Exception) -> RuntimeError:
     return RuntimeError(f"training failed: {(errors or lines or ['unknown error'])[-1][:300]}")
 
 
-def fit(cfg: Config) -> Result:
+class EpochLines:
+    """One line per trained epoch on the driver, while ``fit`` trains: rank 0 leaves each
+    epoch's metrics in the run folder (``PROGRESS_FILE``), a thread here prints them.
+
+    Args:
+        run_dir: the run folder.
+        epochs: the run's epoch count.
+        say: where the lines go.
+    """
+
+    def __init__(self, run_dir: str, epochs: int, say: Callable[[str], None]):
+        self.file, self.epochs, self.say = storage.join(run_dir, PROGRESS_FILE), epochs, say
+        self.seen = self._last()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.started = time.monotonic()
+        self.trained: list[float] = []
+
+    def __enter__(self) -> EpochLines:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._poll()  # the last epoch, if the thread had not seen it yet
+
+    def _last(self) -> int:
+        try:
+            return int(json.loads(storage.read_text(self.file))["epoch"])
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            self._poll()
+
+    def _poll(self) -> None:
+        try:
+            m = json.loads(storage.read_text(self.file))
+        except (OSError, ValueError):
+            return
+        if m.get("epoch", -1) <= self.seen:
+            return
+        self.seen = m["epoch"]
+        seconds = sum(v for k, v in m.items() if k.startswith("seconds_"))
+        self.trained.append(seconds)
+        left = (self.epochs - m["epoch"] - 1) * sum(self.trained) / len(self.trained)
+        scores = f", ACC {m['acc']:.3f}" if "acc" in m else ""
+        self.say(
+            f"epoch {m['epoch'] + 1}/{self.epochs}: loss A {m.get('loss_a', float('nan')):.4f} "
+            f"B {m['loss_b']:.4f}, held-out MI {m['mi']:.4f}{scores}, {seconds:.1f} s"
+            + (f", about {left:.0f} s left" if left > 0 else "")
+        )
+
+
+def fit(cfg: Config, extend: bool = False, say: Callable[[str], None] | None = None) -> Result:
     """Train (or resume) a run, then report on its final checkpoint; returns the Ray Train
-    result.
+    result. A run that has already trained every epoch and reported is not started again: its
+    result is rebuilt from its report, and Ray is not started.
+
+    Args:
+        cfg: the run's config.
+        extend: a finished run may be trained further (``optim.epochs`` may grow).
+        say: where a line per trained epoch goes (none if None).
 
     Raises:
-        ConfigError, PrepareError: bad config or shards, or an unreachable tracking store, all
-            before Ray starts.
+        ConfigError, PrepareError: bad config or shards, a config that differs from the one the
+            run was started with, or an unreachable tracking store, all before Ray starts.
     """
     inputs = training_inputs(cfg)
     cfg = inputs.config  # fitted to the shards: band count, input stretch
     uri = tracking.resolve_uri(cfg.run.tracking_uri)
     tracking.check_reachable(uri)
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
-    check_resumable(cfg, run_dir)
-    check_cluster()
+    check_resumable(cfg, run_dir, extend)
+    report = finished(cfg, run_dir)
+    if report is None:
+        check_cluster()
     with run_lock(cfg, run_dir) as killed:
         # The MLflow run is created here, before any worker starts (SQLite schema races), and
         # reused when the same run name is trained again.
         job = make_job(cfg, inputs, uri, tracking.run_for(uri, cfg, run_dir))
         if killed:
             tracking.mark_killed_driver(uri, job.run_id, killed)
+        if report is not None:
+            tracking.set_status(uri, job.run_id, "FINISHED")
+            return _finished_result(report, run_dir)
         note = f"resumed after its driver was killed ({killed})" if killed else ""
         tracking.set_status(uri, job.run_id, "RUNNING", note)
         try:
+            if say:
+                where = os.environ.get("RAY_ADDRESS") or "a local Ray cluster"
+                say(f"run {cfg.run.name}: {run_state(cfg, run_dir, None)}; starting {where}")
             start_ray()
-            result = launch(job, inputs)
+            lines = EpochLines(run_dir, cfg.optim.epochs, say) if say else contextlib.nullcontext()
+            with lines:
+                result = launch(job, inputs)
             tracking.mark_finished(uri, job.run_id)
             if result.checkpoint is not None:
                 finish_run(job, result.checkpoint, run_dir)
@@ -410,25 +516,123 @@ def run_lock(cfg: Config, run_dir: str) -> Iterator[str]:
         ) from err
 
 
-def check_resumable(cfg: Config, run_dir: str) -> None:
-    """A run folder with checkpoints resumes only a model of the same shape.
+# Keys a resumed run may change: where it runs, not what it trains.
+RESUME_FREE = ("scaling.", "run.tracking_uri", "run.storage_path")
+
+
+def started_config(run_dir: str) -> Config | None:
+    """The config a run folder's training was started with (its newest checkpoint's), or None
+    when it has no readable checkpoint."""
+    if not storage.list_dirs(run_dir, "checkpoint_"):
+        return None
+    try:
+        return Config.from_dict(checkpoint.load(run_dir)["config"])
+    except (ConfigError, KeyError):
+        return None  # unreadable checkpoints are skipped (or reported) by the resume itself
+
+
+def check_resumable(cfg: Config, run_dir: str, extend: bool = False) -> None:
+    """A run folder with checkpoints resumes only the config it was started with: a resumed
+    run would otherwise train on with the old optimiser state while its record, report and
+    model described a mix of both.
+
+    Args:
+        cfg: the config asked for (fitted to the data, as the checkpoints keep it).
+        run_dir: the run folder.
+        extend: allow ``optim.epochs`` to grow (training a finished run further on purpose).
 
     Raises:
-        ConfigError: one line naming the first ``model.*`` key that differs.
+        ConfigError: one line listing every key that differs, and what to do instead.
     """
-    if not storage.list_dirs(run_dir, "checkpoint_"):
+    saved = started_config(run_dir)
+    if saved is None:
         return
-    try:
-        saved = Config.from_dict(checkpoint.load(run_dir)["config"]).model
-    except (ConfigError, KeyError):
-        return  # unreadable checkpoints are skipped (or reported) by the resume itself
-    for key, value in dataclasses.asdict(saved).items():
-        mine = getattr(cfg.model, key)
-        if mine != value:
-            raise ConfigError(
-                f"model.{key}: {mine!r}, but run {cfg.run.name!r} in {run_dir} was trained "
-                f"with {value!r}; resume with its config, or pick another run.name"
-            )
+    old, new = saved.flat(), cfg.flat()
+    differ = [k for k in new if old.get(k) != new[k] and not k.startswith(RESUME_FREE)]
+    if old.get("data.dtype") == "" and "data.dtype" in differ:  # recorded since: not a change
+        differ.remove("data.dtype")
+    if extend and "optim.epochs" in differ and new["optim.epochs"] > old["optim.epochs"]:
+        differ.remove("optim.epochs")
+    if differ:
+        changes = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in differ)
+        grow = " (with --extend, optim.epochs may grow)" if not extend else ""
+        raise ConfigError(
+            f"run.name: run {cfg.run.name!r} in {run_dir} was started with another config "
+            f"({changes}); start a new run with --set run.name=NEW, or resume it with the "
+            f"config it was started with{grow}"
+        )
+
+
+def finished(cfg: Config, run_dir: str) -> dict | None:
+    """The report of a run that has trained every epoch ``cfg`` asks for and reported on its
+    final checkpoint (``report.json``), or None."""
+    report_file = storage.join(run_dir, "report.json")
+    if not storage.is_file(report_file):
+        return None
+    state = checkpoint.load(run_dir)
+    report = json.loads(storage.read_text(report_file))
+    done = state["epoch"] + 1 >= cfg.optim.epochs
+    return report if done and report.get("epoch") == state["epoch"] else None
+
+
+def dry_run(cfg: Config, extend: bool = False) -> list[str]:
+    """Check everything ``fit`` checks before it starts (config, shards, tracking store, the
+    run folder, the cluster address) and say what it would do; starts nothing.
+
+    Raises:
+        ConfigError, PrepareError: as ``fit`` would, before starting anything.
+    """
+    inputs = training_inputs(cfg)
+    cfg, manifest = inputs.config, inputs.manifest
+    uri = tracking.resolve_uri(cfg.run.tracking_uri)
+    tracking.check_reachable(uri)
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    check_resumable(cfg, run_dir, extend)
+    report = finished(cfg, run_dir)
+    if report is None:
+        check_cluster()
+    tiles = manifest["splits"]
+    train = sum(tiles.get(s, {}).get("tiles", 0) for s in cfg.data.train_splits)
+    state = run_state(cfg, run_dir, report)
+    address = os.environ.get("RAY_ADDRESS", "")
+    sc = cfg.scaling
+    return [
+        f"config: run {cfg.run.name!r}, {cfg.model.task}, {cfg.model.in_channels} bands "
+        f"({cfg.data.dtype or 'unknown'} pixels), {cfg.optim.epochs} epochs, lr {cfg.optim.lr:g}",
+        f"data: {cfg.data.shards}: {train} training tiles ({', '.join(cfg.data.train_splits)}), "
+        f"{tiles.get(cfg.data.eval_split, {}).get('tiles', 0)} held out "
+        f"({cfg.data.eval_split}), {len(inputs.classes)} classes",
+        f"tracking: {uri} (reachable), experiment {cfg.run.experiment!r}",
+        f"run folder: {run_dir}: {state}",
+        f"cluster: {'RAY_ADDRESS ' + address + ' (answers)' if address else 'a local Ray cluster'}"
+        f", {sc.num_workers} workers x {sc.cpus_per_worker:g} CPUs"
+        + (" + 1 GPU" if sc.use_gpu else ""),
+    ]
+
+
+def run_state(cfg: Config, run_dir: str, report: dict | None) -> str:
+    """What training the run folder would do: new, resume from an epoch, or nothing."""
+    if report is not None:
+        return f"finished (epoch {report['epoch'] + 1} of {cfg.optim.epochs}): nothing to train"
+    if started_config(run_dir) is None:
+        return f"new: epochs 1 to {cfg.optim.epochs}"
+    first = checkpoint.load(run_dir)["epoch"] + 2
+    if first <= cfg.optim.epochs:
+        return f"resumes: epochs {first} to {cfg.optim.epochs}"
+    return "every epoch trained: reports on its final checkpoint"
+
+
+def _finished_result(report: dict, run_dir: str) -> Result:
+    """The Ray Train result of a finished run, from its report (no Ray started)."""
+    from ray.train import Checkpoint, Result
+
+    return Result(
+        metrics=report["metrics"],
+        checkpoint=Checkpoint(report["checkpoint"]),
+        error=None,
+        path=run_dir,
+        return_value=ALREADY_FINISHED,
+    )
 
 
 def finish_run(job: Job, final: Checkpoint, run_dir: str) -> dict:
@@ -436,11 +640,13 @@ def finish_run(job: Job, final: Checkpoint, run_dir: str) -> dict:
     once per run; the outcome is kept in ``run_dir/report.json`` for the CLI and for users."""
     cfg, uri = job.config, job.tracking_uri
     report_file = storage.join(run_dir, "report.json")
-    if tracking.report_logged(uri, job.run_id) and storage.is_file(report_file):
-        return json.loads(storage.read_text(report_file))
     # as_directory: the checkpoint itself when local, a download from s3:// or gs://.
     with final.as_directory() as local:
         state = checkpoint.load(local)
+    if tracking.report_logged(uri, job.run_id) and storage.is_file(report_file):
+        report = json.loads(storage.read_text(report_file))
+        if report.get("epoch") == state["epoch"]:  # else: the run was extended since
+            return report
     model = build_model(cfg.model)
     model.load_state_dict(state["model"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -464,6 +670,7 @@ def finish_run(job: Job, final: Checkpoint, run_dir: str) -> dict:
     name = os.path.basename(final.path.rstrip("/"))
     kept = storage.join(run_dir, name) if storage.is_uri(run_dir) else final.path
     report = {"plots": plots, "model_uri": model_uri, "run_id": job.run_id}
+    report |= {"epoch": state["epoch"], "metrics": state["history"][-1]}
     report |= ev.summary() | {"checkpoint": kept, "tracking_uri": uri}
     storage.write_json_atomic(report_file, report)
     return report

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -114,3 +115,95 @@ def test_prepare_synthetic_too_small_is_one_line_and_writes_nothing(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("scene size must be >= 256 px, got 128"), err
     assert not out.exists()
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    from pipeline.config import load_config
+
+    base = tmp_path / "c.yaml"
+    base.write_text("data: {shards: somewhere}\noptim: {lr: 1E-4}\nmodel: {n_clusters_b: 4}\n")
+    sets = ["--set", "optim.lr=1e-3", "--set", "optim.epochs=8.0", "--set", "pairs.crop=48"]
+    assert cli_main(["train", "--config", str(base), *sets, "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    want = load_config(base, ["optim.lr=1e-3", "optim.epochs=8.0", "pairs.crop=48"])
+    assert load_config(printed) == want and want.optim.lr == 1e-3 and want.optim.epochs == 8
+
+
+def test_dry_run_checks_everything_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    import pipeline.train as train_module
+    from tests.conftest import small_synthetic
+
+    shards = small_synthetic(tmp_path / "data", seed=3)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data: {{shards: {shards}, merge: potsdam3}}\nmodel: {{width: 0.125}}\n"
+        f"optim: {{epochs: 2}}\nrun: {{name: dry, storage_path: {tmp_path / 'runs'}}}\n"
+    )
+    assert cli_main(["train", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("config: run 'dry', segmentation, 3 bands (uint8 pixels), 2 epochs")
+    assert out[1].startswith(f"data: {shards}: ") and "3 classes" in out[1]
+    assert out[3] == f"run folder: {tmp_path / 'runs' / 'dry'}: new: epochs 1 to 2"
+    assert out[-1] == "dry run: nothing started"
+    assert not (tmp_path / "runs").exists()
+    # A bad value is still refused before anything, as training would refuse it.
+    args = ["train", "--config", str(config), "--dry-run", "--set", "loss.half_window=40"]
+    assert cli_main(args) == 2
+    assert "loss.half_window: 40 does not fit" in capsys.readouterr().err
+
+
+NOISE = ("Token authentication", " INFO ", "WARNING", "\x1b[", "Deprecat", "Execution plan")
+
+
+@pytest.mark.skipif(IID is None, reason="console script `iid` not installed next to this python")
+def test_train_prints_a_line_per_epoch_quietly_and_a_finished_rerun_trains_nothing(
+    tmp_path, ray_cluster
+):
+    from tests.conftest import small_synthetic
+
+    shards = small_synthetic(tmp_path / "data", seed=4)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data: {{shards: {shards}, merge: potsdam3, pairs_on: worker}}\n"
+        "model: {width: 0.125, n_clusters_a: 5}\nloss: {half_window: 3}\n"
+        "optim: {epochs: 2}\npairs: {crop: 24}\n"
+        "scaling: {num_workers: 1, cpus_per_worker: 1}\n"
+        f"run: {{name: lines, storage_path: {tmp_path / 'runs'}}}\n"
+    )
+    # The test's cluster, joined as `ray start` users join theirs (no second cluster to start).
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    run = subprocess.run(
+        [IID, "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = (run.stdout + run.stderr).splitlines()
+    epochs = [ln for ln in lines if ln.startswith("epoch ")]
+    assert len(epochs) == 2, lines
+    assert epochs[0].startswith("epoch 1/2: loss A ") and "held-out MI" in epochs[0]
+    assert "ACC" in epochs[0] and "s left" in epochs[0] and "s left" not in epochs[1]
+    assert not [ln for ln in lines if any(n in ln for n in NOISE)], lines
+
+    again = subprocess.run(
+        [IID, "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr
+    assert "run lines: already finished, nothing trained" in again.stdout
+    assert not [ln for ln in again.stdout.splitlines() if ln.startswith("epoch ")]
+    assert "starting" not in again.stdout  # Ray was not started

@@ -18,16 +18,24 @@ import numpy as np
 import pytest
 import torch
 
+import pipeline.train as train_module
 from pipeline.checkpoint import CHECKPOINT_FILE, load_model
 from pipeline.checkpoint import load as load_checkpoint
 from pipeline.config import Config, ConfigError
-from pipeline.data.format import PrepareError
+from pipeline.data.format import PrepareError, training_inputs
 from pipeline.data.read import iter_tiles, shard_batches
 from pipeline.data.read import rows as dataset_rows
 from pipeline.evaluate import evaluate_uri
 from pipeline.losses import iid_segmentation_loss
 from pipeline.models import build_model
-from pipeline.train import NonFiniteLossError, _worker_error, fit, train_epoch_head
+from pipeline.train import (
+    ALREADY_FINISHED,
+    NonFiniteLossError,
+    _worker_error,
+    check_resumable,
+    fit,
+    train_epoch_head,
+)
 from tests.conftest import small_synthetic, split_files
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
@@ -136,6 +144,10 @@ def _kill_one_worker_after_first_checkpoint(run_dir: Path, timeout: float = 300)
     return pids[-1]
 
 
+def _must_not_start_ray(*args, **kwargs):
+    raise AssertionError("a finished run was started again")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
 def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp_path, ray_cluster):
@@ -208,11 +220,15 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     assert run.info.status == "FINISHED" and not (tmp_path / "runs" / "t" / ".lock").exists()
 
     # Same run name again, after a driver was killed holding the lock (a dead pid): the lock is
-    # taken over, the run resumes from the last checkpoint, nothing is retrained or re-logged.
+    # taken over and the finished run is not trained again, nor re-logged; Ray is not started.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / "runs" / "t" / ".lock").write_text(f"{os.uname().nodename} {dead.pid} x 2026\n")
-    again = fit(cfg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "start_ray", _must_not_start_ray)
+        again = fit(cfg)
+    assert again.return_value == ALREADY_FINISHED
+    assert again.metrics == result.metrics
     assert again.checkpoint.path == result.checkpoint.path
     assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == steps
     assert len(client.search_runs([run.info.experiment_id])) == 1
@@ -225,8 +241,26 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     # Rerun with a model of another shape, or against a store that does not hold the run: one
     # line each, before Ray is asked for anything.
     other = Config.from_dict(d | {"model": d["model"] | {"n_clusters_b": 5}})
-    with pytest.raises(ConfigError, match=r"model.n_clusters_b: 5, but run 't' .* with 3; "):
+    with pytest.raises(
+        ConfigError, match=r"run 't' .* another config \(model.n_clusters_b: 3 -> 5\)"
+    ):
         fit(other)
+    # Any other change too (it would train on with the old optimiser state), every key named.
+    changed = Config.from_dict(
+        d | {"optim": d["optim"] | {"lr": 0.01}, "loss": d["loss"] | {"lamb_b": 2.0}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"\(loss.lamb_b: 1.5 -> 2.0, optim.lr: 0.002 -> 0.01\); start a new"
+    ):
+        fit(changed)
+    # Where it runs may change; what it trains may not, but --extend lets the epochs grow.
+    # (fitted to the shards, as fit() checks them)
+    moved = training_inputs(Config.from_dict(d | {"scaling": d["scaling"] | {"num_workers": 1}}))
+    check_resumable(moved.config, str(tmp_path / "runs" / "t"))
+    longer = training_inputs(Config.from_dict(d | {"optim": d["optim"] | {"epochs": 5}})).config
+    with pytest.raises(ConfigError, match=r"optim.epochs: 3 -> 5\).*with --extend"):
+        check_resumable(longer, str(tmp_path / "runs" / "t"))
+    check_resumable(longer, str(tmp_path / "runs" / "t"), extend=True)
     elsewhere = Config.from_dict(
         d | {"run": d["run"] | {"tracking_uri": f"sqlite:///{tmp_path / 'other.db'}"}}
     )

@@ -184,7 +184,9 @@ class Scorer:
     probabilities) out.
 
     Args:
-        plan: the model, head, sub-head.
+        plan: the model, head, sub-head; or a one-item list of its ``ObjectRef`` (what the
+            pool's actors get: arguments as big as the weights would be stored as the actor's
+            own, which Ray warns an actor restart can lose).
         core, margin: the layout of the windows.
         probabilities: also return probabilities (K, core, core) in PROBABILITY_SCALE units.
         device: "cpu" or "cuda".
@@ -193,7 +195,7 @@ class Scorer:
 
     def __init__(
         self,
-        plan: Plan,
+        plan: Plan | list,
         core: int,
         margin: int,
         probabilities: bool = False,
@@ -202,6 +204,10 @@ class Scorer:
     ):
         if threads:
             torch.set_num_threads(threads)
+        if not isinstance(plan, Plan):
+            import ray
+
+            plan = ray.get(plan[0])
         self.model = build_model(plan.config.model)
         self.model.load_state_dict(plan.weights)
         self.model.eval().to(device)
@@ -313,8 +319,9 @@ def _run(
     ]
     # Blocks of a few batches: enough read tasks to overlap with scoring, few enough to be cheap.
     blocks = max(1, min(len(items) // (4 * opts.batch_size), 4096))
+    plan_ref = ray.put(the_plan)  # held here until the run ends
     scorer_args = {
-        "plan": the_plan,
+        "plan": [plan_ref],
         "core": opts.core,
         "margin": opts.margin,
         "probabilities": opts.probabilities,
