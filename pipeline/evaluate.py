@@ -118,7 +118,7 @@ class Evaluation:
             "eval_mi": float(self.mi[self.best]),
         }
         if s is not None:
-            out |= {"eval_acc": s.acc, "eval_nmi": s.nmi, "eval_ari": s.ari}
+            out |= {"eval_acc": s.acc, "eval_nmi": s.nmi, "eval_ari": s.ari, "eval_miou": s.miou}
         return out
 
 
@@ -302,14 +302,20 @@ def evaluate_uri(
 
 def format_evaluation(ev: Evaluation, classes: Sequence[str]) -> str:
     """A small table: one line per sub-head, the chosen one marked."""
-    lines = [f"classes: {', '.join(classes)}", "sub-head  loss      MI      ACC    NMI    ARI"]
+    lines = [
+        f"classes: {', '.join(classes)}",
+        "sub-head  loss      MI      ACC    mIoU   NMI    ARI",
+    ]
     for i, s in enumerate(ev.scores):
         mark = "  <- highest MI (lowest lambda=1 loss)" if i == ev.best else ""
         head = f"{i:>8}  {ev.losses[i]:8.4f}  {ev.mi[i]:.4f}"
         if s is None:
             lines.append(f"{head}  (no labelled pixels){mark}")
         else:
-            lines.append(f"{head}  {s.acc:.3f}  {s.nmi:.3f}  {s.ari:.3f}{mark}")
+            lines.append(f"{head}  {s.acc:.3f}  {s.miou:.3f}  {s.nmi:.3f}  {s.ari:.3f}{mark}")
+    if (s := ev.scores[ev.best]) is not None and len(s.iou) == len(classes):
+        per_class = ", ".join(f"{c} {v:.3f}" for c, v in zip(classes, s.iou, strict=True))
+        lines.append(f"IoU per class, sub-head {ev.best}: {per_class}")
     if ev.scores[ev.best] is not None:  # what `iid segment` names the clusters by default
         names = matched_names(ev.counts[ev.best], classes)
         pairs = ", ".join(f"{k} -> {n or '(none)'}" for k, n in enumerate(names))

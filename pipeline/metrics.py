@@ -92,6 +92,9 @@ class ClusterScores:
         ari: adjusted Rand index.
         mapping: cluster -> class assignment used for ``acc`` (-1 for unmatched clusters).
         n: number of counted pixels or images.
+        iou: per class, the intersection over union of the pixels mapped to it and its true
+            pixels (NaN for a class neither predicted nor present).
+        miou: the mean of ``iou`` over the classes where it is defined.
     """
 
     acc: float
@@ -99,6 +102,8 @@ class ClusterScores:
     ari: float
     mapping: tuple[int, ...]
     n: int
+    iou: tuple[float, ...] = ()
+    miou: float = float("nan")
 
 
 def hungarian_mapping(counts: np.ndarray) -> np.ndarray:
@@ -213,10 +218,40 @@ def cluster_scores(counts: np.ndarray | torch.Tensor, many_to_one: bool = False)
         counts = counts.detach().cpu().numpy()
     counts = np.asarray(counts, dtype=np.int64)
     mapping = majority_mapping(counts) if many_to_one else hungarian_mapping(counts)
+    iou = class_iou(counts, mapping)
+    defined = iou[~np.isnan(iou)]
     return ClusterScores(
         acc=matched_accuracy(counts, mapping),
         nmi=nmi_from_counts(counts),
         ari=ari_from_counts(counts),
         mapping=tuple(int(m) for m in mapping),
         n=int(counts.sum()),
+        iou=tuple(float(v) for v in iou),
+        miou=float(defined.mean()) if defined.size else float("nan"),
     )
+
+
+def class_iou(counts: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """(M,) intersection over union per class of the clustering ``mapping`` turns into classes
+    (the protocol of PiCIE and STEGO beside pixel accuracy).
+
+    Pixels of a cluster mapped to -1 (more clusters than classes) are predicted as no class:
+    they count against their true class only.
+
+    Args:
+        counts: (K clusters, M classes) counts.
+        mapping: (K,) class of each cluster, -1 for none.
+
+    Returns:
+        IoU per class; NaN where the class is neither predicted nor present.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    k, m = counts.shape
+    predicted = np.zeros((m, m))  # predicted class x true class
+    for cluster, c in enumerate(np.asarray(mapping)[:k]):
+        if c >= 0:
+            predicted[c] += counts[cluster]
+    hits = np.diag(predicted)
+    union = predicted.sum(axis=1) + counts.sum(axis=0) - hits
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, hits / union, np.nan)

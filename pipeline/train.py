@@ -204,8 +204,9 @@ def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, ev: Evaluation) -> di
         if s is None:  # no labelled pixel: ACC, NMI and ARI have nothing to compare with
             continue
         out |= {f"acc_sub{i}": s.acc, f"nmi_sub{i}": s.nmi, f"ari_sub{i}": s.ari}
+        out |= {f"miou_sub{i}": s.miou}
         if i == best:
-            out |= {"acc": s.acc, "nmi": s.nmi, "ari": s.ari}
+            out |= {"acc": s.acc, "nmi": s.nmi, "ari": s.ari, "miou": s.miou}
     return out
 
 
@@ -428,7 +429,9 @@ class EpochLines:
         seconds = sum(v for k, v in m.items() if k.startswith("seconds_"))
         self.trained.append(seconds)
         left = (self.epochs - m["epoch"] - 1) * sum(self.trained) / len(self.trained)
-        scores = f", ACC {m['acc']:.3f}" if "acc" in m else ""
+        scores = (
+            f", ACC {m['acc']:.3f} mIoU {m.get('miou', float('nan')):.3f}" if "acc" in m else ""
+        )
         self.say(
             f"epoch {m['epoch'] + 1}/{self.epochs}: loss A {m.get('loss_a', float('nan')):.4f} "
             f"B {m['loss_b']:.4f}, held-out MI {m['mi']:.4f}{scores}, {seconds:.1f} s"

@@ -76,6 +76,7 @@ def test_the_chosen_subhead_is_the_most_informative_not_the_lowest_lambda_b_loss
     assert table[3].endswith("<- highest MI (lowest lambda=1 loss)")
     assert "<-" not in table[2]
     mapping = matched_names(ev.counts[1], classes)
-    assert table[4] == (
+    assert table[4].startswith("IoU per class, sub-head 1: ")
+    assert table[5] == (
         f"clusters of sub-head 1 matched to classes: 0 -> {mapping[0]}, 1 -> {mapping[1]}"
     )

@@ -135,3 +135,26 @@ def test_matched_names_follow_the_hungarian_matching():
     assert matched_names(np.zeros((3, 3), int), classes) == ["", "", ""]
     with pytest.raises(ValueError, match=r"counts of shape \(4, 3\) for 2 class names"):
         matched_names(counts, classes[:2])
+
+
+@pytest.mark.parametrize(
+    "seed, k, m, many", [(0, 3, 3, False), (1, 5, 3, False), (2, 5, 3, True), (3, 2, 4, False)]
+)
+def test_miou_equals_a_brute_force_count_over_pixels(seed, k, m, many):
+    from pipeline.metrics import cluster_scores
+
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 20, (k, m))
+    counts[:, -1] = 0 if m == 4 else counts[:, -1]  # a class never present (m = 4)
+    scores = cluster_scores(counts, many_to_one=many)
+    # Every pixel spelled out: its cluster, its truth, its predicted class (-1: none).
+    clusters = np.repeat(np.repeat(np.arange(k), m), counts.ravel())
+    truth = np.repeat(np.tile(np.arange(m), k), counts.ravel())
+    pred = np.array(scores.mapping)[clusters]
+    want = []
+    for c in range(m):
+        inter = np.sum((pred == c) & (truth == c))
+        union = np.sum((pred == c) | (truth == c))
+        want.append(inter / union if union else np.nan)
+    np.testing.assert_allclose(scores.iou, want)
+    assert scores.miou == pytest.approx(np.nanmean(want))

@@ -41,8 +41,8 @@ from pipeline.tune.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
 
-METRICS = ("mi", "acc", "nmi", "ari")  # all maximised; only "mi" needs no labels
-LABELLED = ("acc", "nmi", "ari")
+METRICS = ("mi", "acc", "miou", "nmi", "ari")  # all maximised; only "mi" needs no labels
+LABELLED = ("acc", "miou", "nmi", "ari")
 SEARCH_FILE = "search.json"
 ALGORITHMS = ("optuna", "random")
 
