@@ -23,11 +23,26 @@ def global_sum(joint: torch.Tensor) -> torch.Tensor:
     """
     if not _distributed() or dist.get_world_size() == 1:
         return joint
-    # The functional collective: differentiable (its backward all-reduces the gradient), where
-    # torch.distributed.nn.functional.all_reduce is deprecated.
-    from torch.distributed import _functional_collectives as fc
+    return _SummedOverWorkers.apply(joint)
 
-    return fc.wait_tensor(fc.all_reduce(joint, "sum", dist.group.WORLD))
+
+class _SummedOverWorkers(torch.autograd.Function):
+    """A differentiable sum over the workers on the stable c10d ``all_reduce``:
+    ``torch.distributed.nn.functional.all_reduce`` is deprecated, and the functional
+    collectives it points to aborted a gloo worker here at process-group teardown. The
+    gradient of a sum that every worker computes is the sum of the workers' gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.contiguous().clone()
+        dist.all_reduce(out)
+        return out
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
