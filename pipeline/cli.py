@@ -315,7 +315,9 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     spec = SceneSpec(size=args.size, seed=args.scene_seed)
-    manifest = prepare_synthetic(out, _tiling(args), spec, baselines=not args.no_baselines)
+    manifest = prepare_synthetic(
+        out, _tiling(args), spec, baselines=not args.no_baselines, say=_say
+    )
     for name, value in manifest.get("baselines_potsdam3", {}).items():
         print(f"baseline {name}: {value}")
     return _report(manifest, out / "shards")

@@ -275,6 +275,9 @@ class Job(Record):
         tracking_uri, run_id: the MLflow run rank 0 logs every epoch to.
         eval_pairs: how the held-out pairs of the per-epoch MI are drawn (a search scores every
             trial on its base config's pairs, so that trials compare).
+        progress_file: where rank 0 leaves each epoch's metrics for the driver's epoch lines
+            (an absolute path or URI: workers do not share the driver's working directory);
+            "" for none.
     """
 
     config: Config
@@ -283,6 +286,7 @@ class Job(Record):
     tracking_uri: str
     run_id: str
     eval_pairs: PairConfig
+    progress_file: str = ""
 
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:

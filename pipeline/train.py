@@ -74,8 +74,10 @@ def train_epoch_head(
     epoch: int,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """One pass over this worker's batches for one head. Returns summed per-sub-head losses."""
+    """One pass over this worker's batches for one head. Returns the per-sub-head losses, as a
+    mean over its steps (comparable across epochs, batch counts and with ``iid evaluate``)."""
     totals = torch.zeros(cfg.model.n_subheads, device=device)
+    steps = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     joint_sum = global_sum if cfg.loss.global_joint else None
     for step, batch in enumerate(batches):
@@ -100,7 +102,8 @@ def train_epoch_head(
         loss.backward()
         opt.step()
         totals += losses.detach()
-    return totals
+        steps += 1
+    return totals / max(steps, 1)
 
 
 # ---------------------------------------------------------------------------- the worker loop
@@ -155,8 +158,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tally = tally.summed(all_reduce)
         clock.append(time.perf_counter())
         ev = Evaluation.of(tally)
-        metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu(), ev)
-        metrics["loss_a"] = float(all_reduce(totals["A"]).mean())  # over head A's sub-heads
+        # Means over the workers (each worker's is a mean over its steps).
+        metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu() / world, ev)
+        metrics["loss_a"] = float(all_reduce(totals["A"]).mean()) / world  # over head A's sub-heads
         metrics |= {"start_epoch": start_epoch, "n_nodes": len(set(nodes))} | _seconds(clock)
         history.append(metrics)
         # --- [4] checkpoint: rank 0 writes, every worker reports (a barrier) ---------------
@@ -170,8 +174,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     logger.log_figure(figure, f"overlays/epoch_{epoch + 1:03d}.png")
                     close(figure)
                 # What the driver prints (``EpochLines``): worker output reaches it only with -v.
-                run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
-                storage.write_json_atomic(storage.join(run_dir, PROGRESS_FILE), metrics)
+                if job.progress_file:
+                    storage.write_json_atomic(job.progress_file, metrics)
             ray.train.report(metrics, checkpoint=saved)
 
 
@@ -295,11 +299,18 @@ def check_cluster(wait_s: float = 30.0) -> None:
 
 
 def make_job(
-    cfg: Config, inputs: TrainInputs, uri: str, run_id: str, eval_pairs: PairConfig | None = None
+    cfg: Config,
+    inputs: TrainInputs,
+    uri: str,
+    run_id: str,
+    eval_pairs: PairConfig | None = None,
+    progress_file: str = "",
 ) -> Job:
     """The job of a run: ``cfg`` and what ``training_inputs`` found, logging to ``run_id``;
-    ``eval_pairs`` (default ``cfg.pairs``) draws the held-out pairs of the per-epoch MI."""
+    ``eval_pairs`` (default ``cfg.pairs``) draws the held-out pairs of the per-epoch MI, and
+    rank 0 leaves each epoch's metrics in ``progress_file`` (if given)."""
     return Job(
+        progress_file=progress_file,
         config=cfg,
         classes=tuple(inputs.classes),
         lut=tuple(int(v) for v in inputs.lut),
@@ -465,7 +476,8 @@ def fit(cfg: Config, extend: bool = False, say: Callable[[str], None] | None = N
     with run_lock(cfg, run_dir) as killed:
         # The MLflow run is created here, before any worker starts (SQLite schema races), and
         # reused when the same run name is trained again.
-        job = make_job(cfg, inputs, uri, tracking.run_for(uri, cfg, run_dir))
+        progress = storage.join(storage.absolute(run_dir), PROGRESS_FILE)
+        job = make_job(cfg, inputs, uri, tracking.run_for(uri, cfg, run_dir), None, progress)
         if killed:
             tracking.mark_killed_driver(uri, job.run_id, killed)
         if report is not None:

@@ -171,7 +171,8 @@ def test_train_prints_a_line_per_epoch_quietly_and_a_finished_rerun_trains_nothi
         "model: {width: 0.125, n_clusters_a: 5}\nloss: {half_window: 3}\n"
         "optim: {epochs: 2}\npairs: {crop: 24}\n"
         "scaling: {num_workers: 1, cpus_per_worker: 1}\n"
-        f"run: {{name: lines, storage_path: {tmp_path / 'runs'}}}\n"
+        # A relative storage path, as in configs/demo.yaml: Ray's workers run elsewhere.
+        "run: {name: lines, storage_path: runs}\n"
     )
     # The test's cluster, joined as `ray start` users join theirs (no second cluster to start).
     env = {

@@ -13,6 +13,7 @@ same preparation path as real data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,15 +264,21 @@ def supervised_accuracy(img: np.ndarray, cls: np.ndarray, context: bool, seed: i
 
 
 def prepare_synthetic(
-    out: Path, opts, spec: SceneSpec = SceneSpec(), baselines: bool = True
+    out: Path,
+    opts,
+    spec: SceneSpec = SceneSpec(),
+    baselines: bool = True,
+    say: Callable[[str], None] = lambda line: None,
 ) -> dict:
     """Generate the scene under ``out/raw`` (Potsdam layout) and prepare it into ``out/shards``
-    through the Potsdam path; the baselines are recorded in the manifest.
+    through the Potsdam path; the baselines are recorded in the manifest. ``say`` hears what
+    each stage is about to do (the scene and the baselines take a while before any tile).
     """
     from pipeline.prepare.potsdam import prepare_potsdam
     from pipeline.prepare.shards import check_output
 
     check_output(out / "shards", opts.overwrite)  # before the scene is generated
+    say(f"generating the {spec.size} x {spec.size} scene ({len(spec.tiles)} tile(s)) in {out}/raw")
     img, cls = write_scene_tile(out / "raw", spec, spec.tiles[0])
     for tile in spec.tiles[1:]:
         write_scene_tile(out / "raw", spec, tile)
@@ -279,10 +286,12 @@ def prepare_synthetic(
         "synthetic": {"size": spec.size, "seed": spec.seed, "tiles": [list(t) for t in spec.tiles]}
     }
     if baselines:  # before the shards: the manifest is written once, whole
+        say("measuring the baselines: k-means on colour, supervised on colour and context")
         extra["baselines_potsdam3"] = {
             "kmeans_on_pixel_colour_acc": round(colour_kmeans_accuracy(img, cls, spec.seed), 4),
             "supervised_pixel_colour_acc": round(supervised_accuracy(img, cls, False), 4),
             "supervised_colour_and_context_acc": round(supervised_accuracy(img, cls, True), 4),
         }
+    say(f"tiling into {out}/shards")
     manifest = prepare_potsdam(out / "raw", out / "shards", opts, variant="rgb", extra=extra)
     return manifest

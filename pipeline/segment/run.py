@@ -21,6 +21,7 @@ compare them with direct forward passes).
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -184,9 +185,7 @@ class Scorer:
     probabilities) out.
 
     Args:
-        plan: the model, head, sub-head; or a one-item list of its ``ObjectRef`` (what the
-            pool's actors get: arguments as big as the weights would be stored as the actor's
-            own, which Ray warns an actor restart can lose).
+        plan: the model, head, sub-head.
         core, margin: the layout of the windows.
         probabilities: also return probabilities (K, core, core) in PROBABILITY_SCALE units.
         device: "cpu" or "cuda".
@@ -195,7 +194,7 @@ class Scorer:
 
     def __init__(
         self,
-        plan: Plan | list,
+        plan: Plan,
         core: int,
         margin: int,
         probabilities: bool = False,
@@ -204,10 +203,6 @@ class Scorer:
     ):
         if threads:
             torch.set_num_threads(threads)
-        if not isinstance(plan, Plan):
-            import ray
-
-            plan = ray.get(plan[0])
         self.model = build_model(plan.config.model)
         self.model.load_state_dict(plan.weights)
         self.model.eval().to(device)
@@ -289,6 +284,9 @@ def segment(
         remove_parts(out, source.name)
         sources.append(source)
     if sources:
+        pixels = sum(s.height * s.width for s in sources) / 1e6
+        where = os.environ.get("RAY_ADDRESS") or "a local Ray cluster"
+        say(f"segmenting {len(sources)} raster(s), {pixels:.1f} megapixels, on {where}")
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20):
             _run(the_plan, sources, out, opts, report, say)
     report.seconds = time.monotonic() - started
@@ -319,9 +317,8 @@ def _run(
     ]
     # Blocks of a few batches: enough read tasks to overlap with scoring, few enough to be cheap.
     blocks = max(1, min(len(items) // (4 * opts.batch_size), 4096))
-    plan_ref = ray.put(the_plan)  # held here until the run ends
     scorer_args = {
-        "plan": [plan_ref],
+        "plan": the_plan,
         "core": opts.core,
         "margin": opts.margin,
         "probabilities": opts.probabilities,
