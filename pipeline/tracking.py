@@ -17,10 +17,12 @@ of a pyfunc model logged "from code" (``pipeline/serving.py``, its ``predict``),
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import json
 import os
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -42,6 +44,8 @@ SERVING_CODE = Path(__file__).with_name("serving.py")  # the pyfunc model, logge
 # What the serving code imports (the pipeline package travels with the model as code), pinned
 # to the versions installed here.
 SERVING_REQUIREMENTS = ("mlflow", "torch", "torchvision", "numpy", "scipy", "pyarrow", "PyYAML")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+BOOKKEEPING = ("epoch", "epochs_done", "start_epoch", "n_nodes")  # tags, not charts
 RUN_ID_FILE = "mlflow_run_id"  # in the run folder: a resumed run logs to the same record
 
 
@@ -89,11 +93,50 @@ def _create_run(
     mlflow.set_tracking_uri(uri)
     experiment_id = mlflow.set_experiment(experiment).experiment_id
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(experiment_id, run_name=name, tags=dict(tags))
+    # MLflow 3's UI opens an experiment of unknown kind on its GenAI traces page.
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    run = client.create_run(experiment_id, run_name=name, tags=_source_tags() | dict(tags))
     client.log_batch(
         run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()]
     )
     return run.info.run_id
+
+
+def _source_tags() -> dict[str, str]:
+    """Where a run came from, as MLflow's fluent API would tag it: the command and, when the
+    package runs from a git checkout, its commit."""
+    import subprocess
+    import sys
+
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join(sys.argv[:2])}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
+
+
+def metric_key(name: str) -> str | None:
+    """The MLflow name of a per-epoch metric, grouped by prefix so the UI charts them in
+    sections (``train/``, ``eval/``, ``masses/``, ``time/``); None for bookkeeping values,
+    which are tags rather than charts."""
+    if name in BOOKKEEPING:
+        return None
+    if name.startswith("loss_"):
+        return f"train/{name}"
+    if name.startswith("mass_"):
+        return f"masses/{name}"
+    if name.startswith("seconds_"):
+        return f"time/{name.removeprefix('seconds_')}"
+    return f"eval/{name}"
 
 
 def run_for(
@@ -122,6 +165,26 @@ def run_for(
     return run_id
 
 
+def log_dataset(uri: str, run_id: str, shards: str, manifest: Mapping[str, object]) -> None:
+    """Record the shards a run trains on as its MLflow dataset input: where they are, and a
+    digest of their manifest (the manifest is what a dataset holds), so runs on the same data
+    are seen to be."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # a local path "can be read two ways"; both are the path
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(storage.absolute(shards))
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode())
+    name = Path(str(shards).rstrip("/")).name or "shards"
+    dataset = MetaDataset(source, name=name, digest=digest.hexdigest()[:16])
+    context = mlflow.entities.InputTag("mlflow.data.context", "training")
+    # What mlflow.log_input does, without the fluent API: that would end the run it opened.
+    entity = mlflow.entities.DatasetInput(dataset._to_mlflow_entity(), tags=[context])
+    mlflow.MlflowClient(uri).log_inputs(run_id, datasets=[entity])
+
+
 class EpochLogger:
     """Plain MLflow calls on world rank 0 (the reliable pattern in Ray Train V2)."""
 
@@ -132,9 +195,21 @@ class EpochLogger:
         self.client, self.run_id = mlflow.MlflowClient(uri), run_id
 
     def log(self, metrics: Mapping[str, float], epoch: int) -> None:
-        for key, value in metrics.items():
-            if key != "epoch":
-                self.client.log_metric(self.run_id, key, float(value), step=epoch)
+        """One epoch's metrics (``metric_key`` names them); the bookkeeping values as tags."""
+        from mlflow import entities
+
+        stamp = int(time.time() * 1000)
+        logged = [
+            entities.Metric(key, float(value), stamp, epoch)
+            for name, value in metrics.items()
+            if (key := metric_key(name)) is not None
+        ]
+        tags = [
+            entities.RunTag(f"iid.{name}", str(metrics[name]))
+            for name in BOOKKEEPING
+            if name in metrics and name != "epoch"
+        ]
+        self.client.log_batch(self.run_id, metrics=logged, tags=tags)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         """A matplotlib figure as a PNG artifact of the run (``overlays/epoch_003.png``)."""

@@ -478,6 +478,7 @@ def fit(cfg: Config, extend: bool = False, say: Callable[[str], None] | None = N
         # reused when the same run name is trained again.
         progress = storage.join(storage.absolute(run_dir), PROGRESS_FILE)
         job = make_job(cfg, inputs, uri, tracking.run_for(uri, cfg, run_dir), None, progress)
+        tracking.log_dataset(uri, job.run_id, cfg.data.shards, inputs.manifest)
         if killed:
             tracking.mark_killed_driver(uri, job.run_id, killed)
         if report is not None:

@@ -258,9 +258,9 @@ def test_unlabelled_16_bit_folder_trains_and_evaluates_without_labels(
     assert saved.model.in_channels == 3 and len(saved.data.band_lo) == 3  # travels with it
     client = mlflow.MlflowClient(config["run"]["tracking_uri"])
     metrics = client.get_run(report["run_id"]).data.metrics
-    assert {"mi", "loss_b", "mass_0", "mass_1"} <= set(metrics)
-    assert not any(k.startswith(("acc", "nmi", "ari")) for k in metrics)
-    assert metrics["mass_0"] + metrics["mass_1"] == pytest.approx(1)
+    assert {"eval/mi", "train/loss_b", "masses/mass_0", "masses/mass_1"} <= set(metrics)
+    assert not any(k.startswith(("eval/acc", "eval/nmi", "eval/ari", "eval/miou")) for k in metrics)
+    assert metrics["masses/mass_0"] + metrics["masses/mass_1"] == pytest.approx(1)
     overlays = [a.path for a in client.list_artifacts(report["run_id"], "overlays")]
     assert overlays == ["overlays/epoch_001.png", "overlays/epoch_002.png"]
     plots = {p.name for p in (tmp_path / "runs" / "own" / "plots").iterdir()}

@@ -194,8 +194,20 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     assert len(runs) == 1  # the restarted attempt logged to the same run
     run = runs[0]
     assert run.data.params["loss.lamb_b"] == "1.5" and run.data.tags["status"] == "finished"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "acc")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/acc")]
     assert sorted(set(steps)) == [0, 1, 2]
+    # A record that reads well: charts grouped by prefix, bookkeeping as tags, the experiment
+    # opening on its runs (not MLflow 3's GenAI page), where the run came from.
+    logged = client.get_run(run.info.run_id).data
+    assert {"train/loss_a", "train/loss_b", "eval/mi", "eval/miou", "masses/mass_0"} <= set(
+        logged.metrics
+    )
+    assert "time/head_a" in logged.metrics and "epochs_done" not in logged.metrics
+    assert logged.tags["iid.epochs_done"] == "3" and "mlflow.source.name" in logged.tags
+    (trained_on,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert trained_on.dataset.source_type == "local" and str(shards) in trained_on.dataset.source
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     # The final report: plots as artifacts, eval metrics, a registered pickled model.
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -230,7 +242,7 @@ def test_two_workers_survive_a_killed_worker_log_evaluate_and_resume(shards, tmp
     assert again.return_value == ALREADY_FINISHED
     assert again.metrics == result.metrics
     assert again.checkpoint.path == result.checkpoint.path
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == steps
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/acc")] == steps
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert len(client.search_model_versions("name='t'")) == 1
     rerun = client.get_run(run.info.run_id)

@@ -208,7 +208,7 @@ def test_resumed_search_ends_with_all_trials_and_does_not_rerun_finished_ones(se
         assert after == search["checkpoints_before"][name]
         # ... and its MLflow record holds each epoch once.
         run_id = (run_dir / "mlflow_run_id").read_text().strip()
-        steps = [m.step for m in client.get_metric_history(run_id, "mi")]
+        steps = [m.step for m in client.get_metric_history(run_id, "eval/mi")]
         assert sorted(steps) == list(range(EPOCHS))
 
 
@@ -244,13 +244,13 @@ def test_search_is_one_parent_and_a_child_run_per_trial(search):
         assert child.data.tags["iid.stopped_early"] == str(row["status"] == "stopped early").lower()
         epochs = int(row["epochs"])
         assert child.data.tags["iid.epochs_counted"] == row["epochs"]
-        history = client.get_metric_history(child.info.run_id, "mi")
+        history = client.get_metric_history(child.info.run_id, "eval/mi")
         assert sorted(m.step for m in history) == list(range(len(history)))
         # A trial stopped by ASHA may train one more epoch while the stop is on its way; its
         # rank 0 logs it, the search does not count it. Finished trials match exactly.
         stopped = row["status"] == "stopped early"
         assert len(history) in ((epochs, epochs + 1) if stopped else (epochs,)) and epochs >= 1
-        acc = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "acc")}
+        acc = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "eval/acc")}
         assert acc[epochs - 1] == pytest.approx(float(row["acc"]))
     best = max(table.values(), key=lambda r: float(r["mi"]))
     assert parent.data.tags["iid.best_trial"] == best["trial"]
