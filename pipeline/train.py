@@ -450,6 +450,29 @@ class EpochLines:
         )
 
 
+def preflight(cfg: Config, extend: bool) -> tuple[TrainInputs, str, str, dict | None]:
+    """Every check ``fit`` makes before it starts anything: the shards against the config, the
+    tracking store, the run folder's config, the cluster address (unless the run is finished).
+
+    Returns:
+        (the shards' inputs, with the fitted config; the tracking URI; the run folder; the
+        report of a run that has already finished, else None).
+
+    Raises:
+        ConfigError, PrepareError: one line naming the key or file.
+    """
+    inputs = training_inputs(cfg)
+    cfg = inputs.config
+    uri = tracking.resolve_uri(cfg.run.tracking_uri)
+    tracking.check_reachable(uri)
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    check_resumable(cfg, run_dir, extend)
+    report = finished(cfg, run_dir)
+    if report is None:
+        check_cluster()
+    return inputs, uri, run_dir, report
+
+
 def fit(cfg: Config, extend: bool = False, say: Callable[[str], None] | None = None) -> Result:
     """Train (or resume) a run, then report on its final checkpoint; returns the Ray Train
     result. A run that has already trained every epoch and reported is not started again: its
@@ -464,15 +487,8 @@ def fit(cfg: Config, extend: bool = False, say: Callable[[str], None] | None = N
         ConfigError, PrepareError: bad config or shards, a config that differs from the one the
             run was started with, or an unreachable tracking store, all before Ray starts.
     """
-    inputs = training_inputs(cfg)
+    inputs, uri, run_dir, report = preflight(cfg, extend)
     cfg = inputs.config  # fitted to the shards: band count, input stretch
-    uri = tracking.resolve_uri(cfg.run.tracking_uri)
-    tracking.check_reachable(uri)
-    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
-    check_resumable(cfg, run_dir, extend)
-    report = finished(cfg, run_dir)
-    if report is None:
-        check_cluster()
     with run_lock(cfg, run_dir) as killed:
         # The MLflow run is created here, before any worker starts (SQLite schema races), and
         # reused when the same run name is trained again.
@@ -598,15 +614,8 @@ def dry_run(cfg: Config, extend: bool = False) -> list[str]:
     Raises:
         ConfigError, PrepareError: as ``fit`` would, before starting anything.
     """
-    inputs = training_inputs(cfg)
+    inputs, uri, run_dir, report = preflight(cfg, extend)
     cfg, manifest = inputs.config, inputs.manifest
-    uri = tracking.resolve_uri(cfg.run.tracking_uri)
-    tracking.check_reachable(uri)
-    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
-    check_resumable(cfg, run_dir, extend)
-    report = finished(cfg, run_dir)
-    if report is None:
-        check_cluster()
     tiles = manifest["splits"]
     train = sum(tiles.get(s, {}).get("tiles", 0) for s in cfg.data.train_splits)
     state = run_state(cfg, run_dir, report)
