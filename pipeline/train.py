@@ -174,8 +174,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     logger.log_figure(figure, f"overlays/epoch_{epoch + 1:03d}.png")
                     close(figure)
                 # What the driver prints (``EpochLines``): worker output reaches it only with -v.
-                if job.progress_file:
-                    storage.write_json_atomic(job.progress_file, metrics)
+                if job.progress_file:  # every epoch so far: the driver polls, epochs may be quick
+                    storage.write_json_atomic(job.progress_file, {"epochs": history})
             ray.train.report(metrics, checkpoint=saved)
 
 
@@ -393,8 +393,9 @@ def _worker_error(err: Exception) -> RuntimeError:
 
 
 class EpochLines:
-    """One line per trained epoch on the driver, while ``fit`` trains: rank 0 leaves each
-    epoch's metrics in the run folder (``PROGRESS_FILE``), a thread here prints them.
+    """One line per trained epoch on the driver, while ``fit`` trains: rank 0 leaves the
+    metrics of every epoch so far in the run folder (``PROGRESS_FILE``), a thread here prints
+    those it has not printed yet.
 
     Args:
         run_dir: the run folder.
@@ -407,7 +408,6 @@ class EpochLines:
         self.seen = self._last()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.started = time.monotonic()
         self.trained: list[float] = []
 
     def __enter__(self) -> EpochLines:
@@ -419,23 +419,25 @@ class EpochLines:
         self.thread.join()
         self._poll()  # the last epoch, if the thread had not seen it yet
 
-    def _last(self) -> int:
+    def _epochs(self) -> list[dict]:
         try:
-            return int(json.loads(storage.read_text(self.file))["epoch"])
-        except (OSError, ValueError, KeyError):
-            return -1
+            return list(json.loads(storage.read_text(self.file))["epochs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return []  # not written yet, or by an older version
+
+    def _last(self) -> int:
+        return max((int(m["epoch"]) for m in self._epochs()), default=-1)
 
     def _watch(self) -> None:
         while not self.stop.wait(1.0):
             self._poll()
 
     def _poll(self) -> None:
-        try:
-            m = json.loads(storage.read_text(self.file))
-        except (OSError, ValueError):
-            return
-        if m.get("epoch", -1) <= self.seen:
-            return
+        for m in self._epochs():
+            if m["epoch"] > self.seen:
+                self._say(m)
+
+    def _say(self, m: dict) -> None:
         self.seen = m["epoch"]
         seconds = sum(v for k, v in m.items() if k.startswith("seconds_"))
         self.trained.append(seconds)
