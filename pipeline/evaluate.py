@@ -34,7 +34,8 @@ from pipeline.objective import View, aligned_views, view_loss
 
 log = logging.getLogger(__name__)
 
-Example = tuple[np.ndarray, list[np.ndarray], np.ndarray]  # image, every sub-head's map, target
+# image, every sub-head's map, target, and the valid-pixel mask (None: every pixel has data)
+Example = tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray | None]
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Tally:
         batches: () the number of batches.
         predicted: (sub-heads, K) pixels (images, for clustering) per cluster of head B over
             every valid pixel, labelled or not: the cluster masses.
-        examples: the first (image, per-sub-head prediction, target) triples, when asked for.
+        examples: the first (image, per-sub-head prediction, target, valid) tuples, if asked.
     """
 
     counts: torch.Tensor
@@ -78,7 +79,8 @@ class Evaluation:
         scores: ACC/NMI/ARI per sub-head (None for a sub-head that saw no labelled pixel).
         best: the chosen sub-head (``choose_subhead``: highest ``mi``).
         masses: (sub-heads, K) share of the valid held-out pixels in each cluster of head B.
-        examples: up to ``n_examples`` (image (B, H, W), prediction (H, W), label (H, W)).
+        examples: up to ``n_examples`` (image (B, H, W), prediction (H, W), label (H, W),
+            valid (H, W) or None).
     """
 
     counts: np.ndarray
@@ -88,7 +90,9 @@ class Evaluation:
     scores: list[ClusterScores | None]
     best: int
     masses: np.ndarray
-    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = field(
+        default_factory=list
+    )
 
     @classmethod
     def of(cls, tally: Tally) -> Evaluation:
@@ -106,7 +110,7 @@ class Evaluation:
             scores=[cluster_scores(c) if c.sum() else None for c in counts],
             best=best,
             masses=predicted / np.maximum(predicted.sum(axis=1, keepdims=True), 1),
-            examples=[(img, preds[best], lab) for img, preds, lab in tally.examples],
+            examples=[(img, preds[best], lab, ok) for img, preds, lab, ok in tally.examples],
         )
 
     def summary(self) -> dict[str, float]:
@@ -223,7 +227,8 @@ def score(
         n_batches += 1
         for i in range(min(n_examples - len(examples), len(x))):
             preds = [p[i].argmax(0).cpu().numpy() for p in probs]
-            examples.append((x[i].cpu().numpy(), preds, target[i].cpu().numpy()))
+            ok = None if valid is None or valid.ndim != 3 else valid[i].cpu().numpy()
+            examples.append((x[i].cpu().numpy(), preds, target[i].cpu().numpy(), ok))
     model.train(was_training)
     return Tally(counts, joints, loss_sum, n_batches, predicted, examples)
 

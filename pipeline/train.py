@@ -138,6 +138,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = tracking.EpochLogger(job.tracking_uri, job.run_id) if rank == 0 else None
     ready = cfg.data.pairs_on == "actors"  # finished pairs from the actor pool
     gen = torch.Generator(device=device)
+    if rank == 0:  # the driver says that training has begun: the first epoch may take a while
+        write_progress(job, history, started=start_epoch, workers=world)
     for epoch in range(start_epoch, cfg.optim.epochs):
         seed = cfg.run.seed * 1_000_003 + epoch * 101 + rank
         gen.manual_seed(seed)
@@ -159,24 +161,46 @@ def train_loop_per_worker(loop_config: dict) -> None:
         clock.append(time.perf_counter())
         ev = Evaluation.of(tally)
         # Means over the workers (each worker's is a mean over its steps).
-        metrics = epoch_metrics(epoch, all_reduce(totals["B"]).cpu() / world, ev)
-        metrics["loss_a"] = float(all_reduce(totals["A"]).mean()) / world  # over head A's sub-heads
-        metrics |= {"start_epoch": start_epoch, "n_nodes": len(set(nodes))} | _seconds(clock)
+        means = {head: all_reduce(t).cpu() / world for head, t in totals.items()}
+        metrics = epoch_metrics(epoch, means, ev) | _seconds(clock)
+        metrics |= {"start_epoch": start_epoch, "n_nodes": len(set(nodes))}
         history.append(metrics)
         # --- [4] checkpoint: rank 0 writes, every worker reports (a barrier) ---------------
         with tempfile.TemporaryDirectory() as tmp:
-            saved = None
             if rank == 0:
                 checkpoint.save(tmp, model, opt, history, job, tally.counts.cpu(), nodes)
-                saved = ray.train.Checkpoint.from_directory(tmp)
-                logger.log(metrics, epoch)
-                if (figure := overlay_figure(ev, job.classes)) is not None:
-                    logger.log_figure(figure, f"overlays/epoch_{epoch + 1:03d}.png")
-                    close(figure)
-                # What the driver prints (``EpochLines``): worker output reaches it only with -v.
-                if job.progress_file:  # every epoch so far: the driver polls, epochs may be quick
-                    storage.write_json_atomic(job.progress_file, {"epochs": history})
+                publish_epoch(job, logger, history, ev)
+            saved = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
             ray.train.report(metrics, checkpoint=saved)
+
+
+def publish_epoch(
+    job: Job, logger: tracking.EpochLogger, history: list[dict], ev: Evaluation
+) -> None:
+    """Rank 0's record of an epoch: MLflow metrics and overlay, and the driver's progress file.
+
+    Args:
+        job: the training job (classes, progress file).
+        logger: the run's MLflow epoch logger.
+        history: every epoch's metrics so far, this one last.
+        ev: this epoch's evaluation (for the overlay figure).
+    """
+    metrics = history[-1]
+    epoch = metrics["epoch"]
+    logger.log(metrics, epoch)
+    if (figure := overlay_figure(ev, job.classes)) is not None:
+        logger.log_figure(figure, f"overlays/epoch_{epoch + 1:03d}.png")
+        close(figure)
+    write_progress(job, history)
+
+
+def write_progress(job: Job, history: list[dict], **state: int) -> None:
+    """Leave what the driver prints (``EpochLines``) in ``job.progress_file``: worker output
+    reaches the driver only with -v. Every epoch so far, as the driver polls and epochs may be
+    quicker than its poll; ``state`` says more (``started``: the first epoch of this launch).
+    """
+    if job.progress_file:
+        storage.write_json_atomic(job.progress_file, {"epochs": history, **state})
 
 
 def _seconds(clock: list[float]) -> dict[str, float]:
@@ -185,8 +209,10 @@ def _seconds(clock: list[float]) -> dict[str, float]:
     return {f"seconds_{n}": b - a for n, a, b in zip(names, clock, clock[1:], strict=False)}
 
 
-def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, ev: Evaluation) -> dict:
+def epoch_metrics(epoch: int, losses: dict[str, torch.Tensor], ev: Evaluation) -> dict:
     """Flat metrics of one epoch: the chosen sub-head's scores, every sub-head's, masses.
+
+    ``losses`` maps each head ("A", "B") to its training loss per sub-head, [S] each.
 
     ``ev.mi`` (per sub-head) is the lambda=1 mutual information of head B on held-out pairs: the
     label-free criterion that chooses ``ev.best`` among the sub-heads and ranks the trials of a
@@ -197,7 +223,8 @@ def epoch_metrics(epoch: int, head_b_losses: torch.Tensor, ev: Evaluation) -> di
         "epoch": epoch,
         "epochs_done": epoch + 1,
         "best_subhead": best,
-        "loss_b": float(head_b_losses[best]),
+        "loss_b": float(losses["B"][best]),
+        "loss_a": float(losses["A"].mean()),  # over head A's sub-heads
         "mi": float(ev.mi[best]),
         "heldout_loss": float(ev.losses[best]),
     }
@@ -405,7 +432,11 @@ class EpochLines:
 
     def __init__(self, run_dir: str, epochs: int, say: Callable[[str], None]):
         self.file, self.epochs, self.say = storage.join(run_dir, PROGRESS_FILE), epochs, say
-        self.seen = self._last()
+        doc = self._progress()
+        self.seen = max((int(m["epoch"]) for m in doc.get("epochs", [])), default=-1)
+        self.announced = False
+        if "started" in doc:  # a former launch's: this one's workers have not started yet
+            storage.write_json_atomic(self.file, {"epochs": doc["epochs"]})
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.trained: list[float] = []
@@ -419,21 +450,29 @@ class EpochLines:
         self.thread.join()
         self._poll()  # the last epoch, if the thread had not seen it yet
 
-    def _epochs(self) -> list[dict]:
+    def _progress(self) -> dict:
         try:
-            return list(json.loads(storage.read_text(self.file))["epochs"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return []  # not written yet, or by an older version
+            doc = json.loads(storage.read_text(self.file))
+            return doc if isinstance(doc, dict) and isinstance(doc.get("epochs"), list) else {}
+        except (OSError, ValueError):
+            return {}  # not written yet
 
-    def _last(self) -> int:
-        return max((int(m["epoch"]) for m in self._epochs()), default=-1)
+    def _epochs(self) -> list[dict]:
+        return self._progress().get("epochs", [])
 
     def _watch(self) -> None:
         while not self.stop.wait(1.0):
             self._poll()
 
     def _poll(self) -> None:
-        for m in self._epochs():
+        doc = self._progress()
+        if "started" in doc and not self.announced:
+            self.announced = True
+            self.say(
+                f"{doc.get('workers', 1)} worker(s) ready: training epoch {doc['started'] + 1}"
+                f"/{self.epochs}"
+            )
+        for m in doc.get("epochs", []):
             if m["epoch"] > self.seen:
                 self._say(m)
 
@@ -509,6 +548,8 @@ def fit(cfg: Config, extend: bool = False, say: Callable[[str], None] | None = N
                 where = os.environ.get("RAY_ADDRESS") or "a local Ray cluster"
                 say(f"run {cfg.run.name}: {run_state(cfg, run_dir, None)}; starting {where}")
             start_ray()
+            if say:
+                say(f"Ray ready; starting {cfg.scaling.num_workers} training worker(s)")
             lines = EpochLines(run_dir, cfg.optim.epochs, say) if say else contextlib.nullcontext()
             with lines:
                 result = launch(job, inputs)

@@ -13,7 +13,7 @@ import torch
 from pipeline.config import Config
 from pipeline.data.format import label_lut, read_manifest
 from pipeline.data.read import iter_tiles
-from pipeline.evaluate import evaluate_model, format_evaluation
+from pipeline.evaluate import Evaluation, evaluate_model, format_evaluation, score
 from pipeline.metrics import matched_names
 from tests.conftest import small_synthetic
 
@@ -80,3 +80,30 @@ def test_the_chosen_subhead_is_the_most_informative_not_the_lowest_lambda_b_loss
     assert table[5] == (
         f"clusters of sub-head 1 matched to classes: 0 -> {mapping[0]}, 1 -> {mapping[1]}"
     )
+
+
+def test_the_overlay_examples_keep_each_images_no_data_mask():
+    cfg = Config.from_dict(
+        {
+            "data": {"shards": "unused"},
+            "model": {"in_channels": 3, "n_clusters_b": 2, "n_subheads": 2},
+            "loss": {"half_window": 1},
+            "pairs": {"crop": 0},
+        }
+    )
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 12, 12, generator=gen)
+    valid = torch.ones(3, 12, 12, dtype=torch.bool)
+    valid[0, :4] = False  # a nodata border on the first image
+    labels = torch.zeros(3, 12, 12, dtype=torch.uint8)
+    lut = torch.full((256,), 255, dtype=torch.int64)
+    lut[0] = 0
+    batch = {"x": x, "label": labels, "valid": valid}
+    tally = score(TwoKindsOfSubhead(0.5), [batch], cfg, lut, 1, cfg.pairs, n_examples=2)
+    examples = Evaluation.of(tally).examples
+    assert len(examples) == 2
+    np.testing.assert_array_equal(examples[0][3], valid[0].numpy())
+    np.testing.assert_array_equal(examples[1][3], valid[1].numpy())
+    # Without a mask every pixel has data: the overlays then have nothing to grey out.
+    plain = score(TwoKindsOfSubhead(0.5), [{"x": x, "label": labels}], cfg, lut, 1, cfg.pairs, 1)
+    assert plain.examples[0][3] is None

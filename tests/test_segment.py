@@ -335,6 +335,37 @@ def test_a_killed_run_leaves_no_map_and_a_rerun_finishes_then_skips(made, tmp_pa
     assert not again.done and again.skipped == [(str(made["raster"]), first.done[0][1])]
 
 
+def test_without_a_terminal_progress_is_a_line_every_few_seconds(
+    made, tmp_path, capsys, monkeypatch
+):
+    from pipeline.segment import run
+
+    monkeypatch.setattr(run, "PROGRESS_EVERY", 0.0)  # a line per window scored
+    args = ["segment", "--model", str(made["model"]), "--src", str(made["raster"])]
+    assert cli_main([*args, "--out", str(tmp_path / "out"), "--core", "128"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    windows = len(Layout(HEIGHT, WIDTH, 128, MARGIN).cores())
+    assert f"scoring {windows} windows with 1 model actor(s)" in lines
+    counts = [int(ln.split("/")[0]) for ln in lines if "windows scored" in ln]
+    assert counts == list(range(1, windows + 1)), lines
+
+
+def test_default_output_holds_only_the_projects_lines(made, tmp_path):
+    import ray
+
+    from tests.test_cli import noise
+
+    # A process of its own: Ray Core writes its C++ log lines once per process, to its stderr.
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "pipeline.cli", "segment", "--model", str(made["model"])]
+    cmd += ["--src", str(made["raster"]), "--out", str(tmp_path / "out"), "--core", "128"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = (run.stdout + run.stderr).splitlines()
+    assert any(ln.startswith("segmented 1 raster(s)") for ln in lines), lines
+    assert not noise(lines), lines
+
+
 # ------------------------------------------------------------------------- real imagery
 def test_potsdam_mini_map_scores_as_iid_evaluate_does_on_the_same_pixels(
     potsdam_mini, tmp_path, ray_cluster

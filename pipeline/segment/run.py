@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -52,6 +53,7 @@ from pipeline.segment.rasters import (
 )
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY = 10.0  # seconds between progress lines when no terminal shows the bar
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ class SegmentOptions:
             model's clusters were matched to on its held-out labels, if it had any).
         overwrite: segment rasters whose map exists instead of skipping them.
         preview_size: longest side of the preview PNG in pixels.
-        progress: show a progress bar.
+        progress: show a progress bar (without a terminal, a line every ``PROGRESS_EVERY`` s).
     """
 
     head: Literal["A", "B"] = "B"
@@ -325,30 +327,36 @@ def _run(
         "device": "cuda" if opts.gpu else "cpu",
         "threads": 0 if opts.gpu else max(1, int(opts.cpus_per_actor)),
     }
-    ds = (
-        ray.data.from_items(items, override_num_blocks=blocks)
-        .map_batches(
-            read_windows,
-            batch_size=opts.batch_size,
-            compute=TaskPoolStrategy(size=opts.readers or opts.actors),
-            fn_kwargs={
-                "run": uuid.uuid4().hex,
-                "paths": [s.path for s in sources],
-                "core": opts.core,
-                "margin": opts.margin,
-                "bands": sources[0].bands,
-                "dtype": sources[0].dtype,
-            },
-        )
-        .map_batches(
+    windows = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        read_windows,
+        batch_size=opts.batch_size,
+        compute=TaskPoolStrategy(size=opts.readers or opts.actors),
+        fn_kwargs={
+            "run": uuid.uuid4().hex,
+            "paths": [s.path for s in sources],
+            "core": opts.core,
+            "margin": opts.margin,
+            "bands": sources[0].bands,
+            "dtype": sources[0].dtype,
+        },
+    )
+    with warnings.catch_warnings():
+        # max_restarts has no named parameter in Ray 2.60: ray_remote_args, which warns that it
+        # goes in 2.64, is its only way in.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        ds = windows.map_batches(
             Scorer,
             batch_size=opts.batch_size,
             compute=ActorPoolStrategy(size=opts.actors),
             fn_constructor_kwargs=scorer_args,
             num_gpus=1 if opts.gpu else 0,
             num_cpus=1 if opts.gpu else opts.cpus_per_actor,
+            # Ray Data keeps each actor's arguments (the weights) in the object store, where an
+            # actor restart cannot count on them (ray-project/ray#53727; Ray says so in an
+            # error line per pool): a lost actor fails the run, and the rerun skips the maps
+            # already written (a raster is the unit of recovery).
+            max_restarts=0,
         )
-    )
     tags = {
         "IID_MODEL_CONFIG": the_plan.config.run.name,
         "IID_HEAD": the_plan.head,
@@ -360,12 +368,20 @@ def _run(
     bar = tqdm(
         total=len(items), unit="window", desc="segment", disable=None if opts.progress else True
     )
+    # Without a terminal the bar is off: a line every PROGRESS_EVERY seconds instead.
+    lines = opts.progress and bar.disable
+    said = began
+    if lines:
+        say(f"scoring {len(items)} windows with {opts.actors} model actor(s)")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for j, i in enumerate(batch["raster"]):
                 i = int(i)
                 bar.update(1)
                 report.windows += 1
+                if lines and time.monotonic() - said >= PROGRESS_EVERY:
+                    said = time.monotonic()
+                    say(f"{report.windows}/{len(items)} windows scored ({said - began:.0f} s)")
                 if i in failed:
                     continue
                 if batch["error"][j]:
