@@ -1,12 +1,16 @@
 """g: the random transformations that make the training pairs (x, g(x)), and undoing them.
 
-g is: colour jitter (brightness, contrast, saturation, hue in HSV; only on the RGB bands, never on
-infrared), then an optional random affine (rotation, shear, scale, shift), then a horizontal flip
-with probability 0.5, then optional Gaussian pixel noise. One ``strength`` knob scales every
-jitter, affine and noise range (0 turns g into flips only). The spatial part is one 2x3 matrix
-per pair in ``affine_grid`` coordinates; the pair carries its inverse, and ``undo`` warps the
-second view's prediction back into the first view's frame (bilinear, zero padding) with the
-mask of pixels that stayed inside.
+g is: colour jitter (brightness and contrast on the bands ``rgb_bands`` names, never on
+infrared; saturation and hue in HSV too when they name an R, G, B triple), then an optional random
+affine (rotation, shear, scale, shift), then a horizontal flip with probability 0.5, or with
+``dihedral`` one of the 8 symmetries of the square (D4: a rotation by a multiple of 90 degrees,
+with or without a flip, equally likely; square images only), then optional Gaussian pixel noise.
+One ``strength`` knob scales every jitter, affine and noise range (0 leaves only the flips, or
+the D4 elements). The spatial part is one 2x3 matrix per pair in ``affine_grid`` coordinates (a
+D4 element is an integer 2x2 matrix multiplied into the affine's); the pair carries its inverse,
+and ``undo`` warps the second view's prediction back into the first view's frame (bilinear, zero
+padding) with the mask of pixels that stayed inside. Without the affine, flips and quarter turns
+move whole pixels: both paths apply them exactly, and every pixel is restorable.
 
 ``make_pairs`` is plain torch on whatever device its input is on: the trainer may run it on GPU
 tensors. ``make_pairs_u8`` makes the same draws from the same functions and applies them with
@@ -44,12 +48,30 @@ _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211,
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
-def colour_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> torch.Tensor:
-    """(n, 3, 3) per-image colour transforms: hue rotation, saturation and brightness (value)."""
+def _hsv_draws(
+    n: int, cfg: PairConfig, gen: torch.Generator, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hue angle in radians, saturation factor, value factor), each (n,), in this order."""
     s = cfg.strength
     hue = _uniform(n, -s * cfg.hue, s * cfg.hue, gen, device) * 2 * math.pi
     sat = _uniform(n, 1 - s * cfg.saturation, 1 + s * cfg.saturation, gen, device)
     val = _uniform(n, 1 - s * cfg.brightness, 1 + s * cfg.brightness, gen, device)
+    return hue, sat, val
+
+
+def colour_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> torch.Tensor:
+    """(n, 3, 3) per-image colour transforms: hue rotation, saturation and brightness (value).
+
+    Args:
+        n: images.
+        cfg: the ranges (and ``strength``).
+        gen: random generator, on ``device``.
+        device: where the matrices go.
+
+    Returns:
+        The matrices, to multiply (R, G, B) column vectors in [0, 1].
+    """
+    hue, sat, val = _hsv_draws(n, cfg, gen, device)
     chroma = torch.zeros(n, 3, 3, device=device)
     chroma[:, 0, 0] = 1
     chroma[:, 1, 1], chroma[:, 1, 2] = sat * hue.cos(), -sat * hue.sin()
@@ -57,50 +79,101 @@ def colour_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> to
     return val.view(n, 1, 1) * (_YIQ2RGB.to(device) @ chroma @ _RGB2YIQ.to(device))
 
 
-def _colour_draws(n: int, cfg: PairConfig, gen: torch.Generator, device):
-    """colour_jitter's random draws, in their order: ((n, 3, 3) colour matrices, (n,) contrast
-    factors), or None (and nothing drawn) when the config jitters nothing."""
+def _colour_draws(
+    n: int, bands: int, cfg: PairConfig, gen: torch.Generator, device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """colour_jitter's random draws for images of ``bands`` bands, in their order: ((n, k, k)
+    colour matrices of the k named bands, (n,) contrast factors), or None (and nothing drawn)
+    when the config jitters nothing."""
     ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
     if not cfg.rgb_bands or cfg.strength == 0 or not any(ranges):
         return None
+    for band in cfg.rgb_bands:  # the config cannot know the band count: checked where it is
+        if band >= bands:
+            raise ValueError(
+                f"pairs.rgb_bands names band {band}, but the images have {bands} bands "
+                f"(0 to {bands - 1})"
+            )
     s = cfg.strength
-    m = colour_matrices(n, cfg, gen, device)
+    k = len(cfg.rgb_bands)
+    if k == 3:
+        m = colour_matrices(n, cfg, gen, device)
+    else:
+        # Hue and saturation turn a colour triple: other band sets get the brightness only.
+        # All three are still drawn, so that the stream does not depend on the band count.
+        val = _hsv_draws(n, cfg, gen, device)[2]
+        m = val.view(n, 1, 1) * torch.eye(k, device=device)
     return m, _uniform(n, 1 - s * cfg.contrast, 1 + s * cfg.contrast, gen, device)
 
 
 def colour_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> torch.Tensor:
-    """Per-image hue, saturation, brightness and contrast changes of the RGB bands of x.
+    """Per-image brightness and contrast changes of the bands ``cfg.rgb_bands`` names, and hue
+    and saturation changes too when they name 3 (R, G, B).
 
     Args:
         x: (n, B, H, W) in [0, 1].
+        cfg: the ranges, ``strength`` and ``rgb_bands``.
+        gen: random generator, on x's device.
 
     Returns:
-        A jittered copy in [0, 1]; bands outside ``cfg.rgb_bands`` (infrared) are untouched.
+        A jittered copy in [0, 1] (x itself when nothing is jittered); bands outside
+        ``cfg.rgb_bands`` (infrared) are untouched.
+
+    Raises:
+        ValueError: ``cfg.rgb_bands`` names a band that x does not have.
     """
-    n, _, h, w = x.shape
-    draws = _colour_draws(n, cfg, gen, x.device)
+    n, bands, h, w = x.shape
+    draws = _colour_draws(n, bands, cfg, gen, x.device)
     if draws is None:
         return x
     m, contrast = draws[0], draws[1].view(n, 1, 1)
-    first = cfg.rgb_bands[0]
+    k, first = len(cfg.rgb_bands), cfg.rgb_bands[0]
     # consecutive bands -> a slice (a view) instead of fancy indexing (a copy)
     idx = (
-        slice(first, first + 3)
-        if tuple(cfg.rgb_bands) == (first, first + 1, first + 2)
+        slice(first, first + k)
+        if tuple(cfg.rgb_bands) == tuple(range(first, first + k))
         else list(cfg.rgb_bands)
     )
-    rgb = x[:, idx].reshape(n, 3, h * w)
+    rgb = x[:, idx].reshape(n, k, h * w)
     # Contrast blends with the image's mean grey: fold it into the matrix and one offset.
     grey = (m @ rgb.mean(dim=2, keepdim=True)).mean(dim=1, keepdim=True)  # (n, 1, 1)
     out = x.clone()
     out[:, idx] = (
-        torch.baddbmm((1 - contrast) * grey, contrast * m, rgb).clamp_(0, 1).view(n, 3, h, w)
+        torch.baddbmm((1 - contrast) * grey, contrast * m, rgb).clamp_(0, 1).view(n, k, h, w)
     )
     return out
 
 
+def _d4() -> torch.Tensor:
+    """(8, 2, 2): the dihedral group D4 as ``affine_grid`` matrices D (the output reads the input
+    at D p). Element e is ``torch.rot90(x.flip(-1) if e // 4 else x, e % 4, (-2, -1))``.
+
+    ``affine_grid`` points are (x: column, y: row, downwards): rot90 reads output pixel (x, y)
+    from input (-y, x), so a quarter turn is [[0, -1], [1, 0]]; a horizontal flip negates x.
+    Read through both, D = flip @ turn^k. Integer entries: products with them are exact.
+    """
+    turn = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    flip = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
+    turns = [torch.linalg.matrix_power(turn, k) for k in range(4)]
+    return torch.stack(turns + [flip @ t for t in turns])
+
+
+D4 = _d4()
+
+
 def spatial_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> torch.Tensor:
-    """(n, 2, 3) ``affine_grid`` matrices of g's spatial part (affine, then flip)."""
+    """(n, 2, 3) ``affine_grid`` matrices of g's spatial part: the affine, then a flip or,
+    with ``cfg.dihedral``, an element of ``D4`` (uniformly drawn, index ``e`` as ``D4[e]``).
+
+    Args:
+        n: images.
+        cfg: what to draw.
+        gen: random generator, on ``device``.
+        device: where the matrices go.
+
+    Returns:
+        theta, as ``affine_grid`` and ``warp`` take it.
+    """
     s = cfg.strength
     m = torch.eye(2, device=device).repeat(n, 1, 1)
     if cfg.affine and s > 0:
@@ -116,7 +189,12 @@ def spatial_matrices(n: int, cfg: PairConfig, gen: torch.Generator, device) -> t
     t = torch.zeros(n, 2, 1, device=device)
     if cfg.affine and s * cfg.shift > 0:
         t = _uniform(2 * n, -s * cfg.shift, s * cfg.shift, gen, device).view(n, 2, 1)
-    if cfg.flip:
+    if cfg.dihedral:
+        # The output reads the affine's result at D p, i.e. the input at M D p: D4 acts after
+        # the affine, around the centre (t stays), as the flip does.
+        e = torch.randint(0, 8, (n,), generator=gen, device=device)
+        m = m @ D4.to(device)[e]
+    elif cfg.flip:
         flips = torch.rand(n, generator=gen, device=device) < 0.5
         m[:, :, 0] = torch.where(flips[:, None], -m[:, :, 0], m[:, :, 0])
     return torch.cat([m, t], dim=2)
@@ -198,6 +276,14 @@ def _warp_planes(img: np.ndarray, mat: np.ndarray, out: np.ndarray) -> None:
 def undo(pred: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """g*: bring the second view's (n, C, H, W) maps back to the first view's frame.
 
+    On CPU without gradients (OpenCV, which rounds sample positions to 1/32 pixel) the flips
+    and quarter turns of a pure D4 g are undone exactly; ``grid_sample`` (GPU, gradients) is
+    exact up to float rounding of the sample positions (weights of ~1e-6 on a neighbour).
+
+    Args:
+        pred: (n, C, H, W) maps of the second view.
+        inverse: (n, 2, 3) inverses of g's matrices (``make_pairs``' ``inverse``).
+
     Returns:
         (warped maps, (n, H, W) bool mask of pixels that came from inside the second view).
     """
@@ -238,13 +324,56 @@ def valid_mask(theta: torch.Tensor, h: int, w: int, margin_px: float = 1.5) -> t
 
 
 def _identity(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    # Pure flips (and the identity) move whole pixels: every pixel is restorable.
-    return _pure_flips(theta).view(-1, 1, 1).expand(-1, h, w)
+    # Pure D4 elements (flips, quarter turns, the identity) move whole pixels: every pixel is
+    # restorable.
+    return _pure_dihedral(theta, h, w).view(-1, 1, 1).expand(-1, h, w)
 
 
 def _pure_flips(theta: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(2, device=theta.device)
     return ((theta[:, :, :2].abs() == eye).all(-1).all(-1)) & (theta[:, :, 2] == 0).all(-1)
+
+
+def _pure_dihedral(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(n,) bool: theta is an element of D4 with no translation, so it moves whole pixels of an
+    H x W grid (quarter turns only of a square one)."""
+    pure = _pure_flips(theta)
+    if h != w:
+        return pure
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], device=theta.device)
+    turned = (theta[:, :, :2].abs() == swap).all(-1).all(-1) & (theta[:, :, 2] == 0).all(-1)
+    return pure | turned
+
+
+def _move(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``warp`` for pure D4 matrices (``_pure_dihedral``), exactly: every pixel is copied from
+    its source, never interpolated: on CPU, numpy views per image as the 8-bit path moves
+    them (6x faster there than a gather, measured); elsewhere, or with gradients, one gather."""
+    n, c, h, w = x.shape
+    if x.device.type == "cpu" and not x.requires_grad:
+        moves = theta[:, :, :2].round().int().tolist()
+        planes = x.contiguous().numpy()
+        out = np.empty_like(planes)
+        for i in range(n):
+            out[i] = _moved_planes(planes[i], moves[i])
+        return torch.from_numpy(out)
+    a = theta[:, :, :2].round().long()
+    # Pixel centres in half-pixel units about the grid's centre: integers, and D4 maps each
+    # onto another (on a square grid); the source index follows with no rounding.
+    cx = (torch.arange(w, device=x.device) * 2 - (w - 1)).view(1, 1, w)
+    cy = (torch.arange(h, device=x.device) * 2 - (h - 1)).view(1, h, 1)
+    col = a[:, 0, 0].view(n, 1, 1) * cx + a[:, 0, 1].view(n, 1, 1) * cy
+    row = a[:, 1, 0].view(n, 1, 1) * cx + a[:, 1, 1].view(n, 1, 1) * cy
+    src = ((row + h - 1) // 2 * w + (col + w - 1) // 2).view(n, 1, h * w)
+    return x.reshape(n, c, h * w).gather(2, src.expand(n, c, h * w)).view(n, c, h, w)
+
+
+def _check_square(cfg: PairConfig, h: int, w: int) -> None:
+    if cfg.dihedral and h != w:
+        raise ValueError(
+            f"pairs.dihedral needs square images (a quarter turn must keep the shape), got "
+            f"{h}x{w}; set pairs.crop"
+        )
 
 
 def make_pairs(
@@ -266,6 +395,10 @@ def make_pairs(
         ``inverse`` (its inverse, for ``undo``), and ``mask`` (n, H, W): pixels of the first
         view whose counterpart lies inside the second view and, with ``valid``, that hold data
         in both views (see ``_pair``).
+
+    Raises:
+        ValueError: ``cfg.dihedral`` on non-square images, or ``cfg.rgb_bands`` naming a band
+            that x does not have.
     """
     gx, theta = _draw_view(x, cfg, gen)
     if cfg.augment_first:  # drawn after g: g, its inverse and mask do not change with it
@@ -299,11 +432,14 @@ def _pair(
 
 def _draw_view(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator):
     """(g(x), theta) for one fresh draw of g on every image of x."""
-    n = x.shape[0]
+    n, _, h, w = x.shape
+    _check_square(cfg, h, w)
     theta = spatial_matrices(n, cfg, gen, x.device)
     gx = colour_jitter(x, cfg, gen)
     if cfg.affine and cfg.strength > 0:
         gx = warp(gx, theta)
+    elif cfg.dihedral:  # flips and quarter turns: whole pixels, exactly
+        gx = _move(gx, theta)
     else:
         # Flips move whole pixels: do them exactly, without interpolation.
         flipped = theta[:, 0, 0] < 0
@@ -349,7 +485,7 @@ def make_pairs_u8(
         leaves [0, 1]); so is ``x`` when it is drawn.
 
     Raises:
-        ValueError: not uint8, more than 4 bands, or OpenCV missing.
+        ValueError: not uint8, more than 4 bands, or OpenCV missing; and as ``make_pairs``.
     """
     if not fits_u8_path(raw):
         raise ValueError(
@@ -364,49 +500,64 @@ def make_pairs_u8(
 def _draw_view_u8(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator):
     """``_draw_view`` on uint8 images with OpenCV: (g(raw), theta)."""
     n, _, h, w = raw.shape
+    _check_square(cfg, h, w)
     theta = spatial_matrices(n, cfg, gen, "cpu")
     colour = _colour_transforms(raw, cfg, gen)
     warped = cfg.affine and cfg.strength > 0
     mats = pixel_matrices(theta, h, w) if warped else None
+    moves = None if warped else theta[:, :, :2].round().int().tolist()
     out = np.empty_like(raw)
     for i in range(n):
         img = raw[i] if colour is None else _jitter_planes(raw[i], colour[i], cfg.rgb_bands)
         if warped:
             _warp_planes(img, mats[i], out[i])
-        else:  # flips move whole pixels: exactly, as make_pairs
-            out[i] = img[:, :, ::-1] if theta[i, 0, 0] < 0 else img
+        else:  # flips and quarter turns move whole pixels: exactly, as make_pairs
+            out[i] = _moved_planes(img, moves[i])
     gx = torch.from_numpy(out)
     if _adds_noise(cfg):
         gx = _noisy(from_wire(gx), cfg, gen)
     return gx, theta
 
 
+def _moved_planes(img: np.ndarray, a: list[list[int]]) -> np.ndarray:
+    """(B, H, W) planes moved by a pure D4 matrix ``a`` (integer entries; the output reads the
+    input at a p, as ``_move``): a view of ``img`` (reversed and swapped axes, as np.flip and
+    np.rot90 give), so no pixel is interpolated."""
+    (xx, xy), (yx, yy) = a
+    if xx:  # diagonal: a flip along each axis whose entry is -1
+        return img[:, ::yy, ::xx]
+    # Off-diagonal (quarter turns, transposes): output row i reads input column i (xy = 1) or
+    # its mirror, output column j input row j (yx = 1) or its mirror.
+    return img.swapaxes(1, 2)[:, ::xy, ::yx]
+
+
 def _colour_transforms(raw: np.ndarray, cfg: PairConfig, gen: torch.Generator):
-    """colour_jitter's draws as (n, 3, 4) float32 maps of the RGB bands' 0-255 values (3
-    weights and an offset per output band), or None when colour_jitter would do nothing (then
-    nothing is drawn, as there)."""
-    n = len(raw)
-    draws = _colour_draws(n, cfg, gen, "cpu")
+    """colour_jitter's draws as (n, k, k + 1) float32 maps of the k named bands' 0-255 values
+    (k weights and an offset per output band), or None when colour_jitter would do nothing
+    (then nothing is drawn, as there)."""
+    n, bands = raw.shape[:2]
+    draws = _colour_draws(n, bands, cfg, gen, "cpu")
     if draws is None:
         return None
     m, contrast = draws[0].double(), draws[1].double()
-    rgb = raw[:, list(cfg.rgb_bands)].reshape(n, 3, -1)
+    k = len(cfg.rgb_bands)
+    rgb = raw[:, list(cfg.rgb_bands)].reshape(n, k, -1)
     means = torch.from_numpy(rgb.mean(axis=2))  # 0-255
     grey = (m @ means.unsqueeze(2)).mean(dim=(1, 2))  # as colour_jitter's, in 0-255 units
-    offset = ((1 - contrast) * grey).view(n, 1, 1).expand(n, 3, 1)
+    offset = ((1 - contrast) * grey).view(n, 1, 1).expand(n, k, 1)
     return torch.cat([contrast.view(n, 1, 1) * m, offset], dim=2).float().numpy()
 
 
 def _jitter_planes(img: np.ndarray, t: np.ndarray, rgb_bands: tuple[int, ...]) -> np.ndarray:
-    """(B, H, W) uint8 with the RGB bands mapped by ``t`` (3, 4), rounded and clamped as
-    OpenCV's 8-bit arithmetic does; other bands (infrared) copied untouched."""
+    """(B, H, W) uint8 with the k named bands mapped by ``t`` (k, k + 1), rounded and clamped
+    as OpenCV's 8-bit arithmetic does; other bands (infrared) copied untouched."""
     c, h, w = img.shape
-    rgb = list(rgb_bands)
-    mixed = t[:, :3] @ img[rgb].reshape(3, -1).astype(np.float32)
-    mixed += t[:, 3:]
+    rgb, k = list(rgb_bands), len(rgb_bands)
+    mixed = t[:, :k] @ img[rgb].reshape(k, -1).astype(np.float32)
+    mixed += t[:, k:]
     np.clip(mixed, 0, 255, out=mixed)
     out = img.copy()
-    out[rgb] = np.rint(mixed, out=mixed).astype(np.uint8).reshape(3, h, w)
+    out[rgb] = np.rint(mixed, out=mixed).astype(np.uint8).reshape(k, h, w)
     return out
 
 

@@ -35,7 +35,11 @@ class PairConfig:
         strength: scales all jitter and affine ranges.
         brightness, contrast, saturation: factors drawn from [1 - v, 1 + v].
         hue: hue shift drawn from [-v, v] (in turns).
-        flip: horizontal flip with probability 0.5.
+        flip: horizontal flip with probability 0.5 (ignored with ``dihedral``, which holds it).
+        dihedral: after the affine, a symmetry of the square instead of ``flip``: the 8
+            elements of the dihedral group D4 (a rotation by 0, 90, 180 or 270 degrees, with
+            or without a flip) equally likely, as imagery seen from above has no up. Needs
+            square images (the crop or the tiles); without the affine, pixels move exactly.
         affine: random rotation / shear / scale / shift.
         rotation, shear: degrees, drawn from [-v, v].
         scale: zoom drawn from [1 - v, 1 + v].
@@ -44,7 +48,12 @@ class PairConfig:
         noise: standard deviation of Gaussian noise added to every band of the second view
             (values in [0, 1]; not clamped), which stops a clustering net from matching the
             two views on exact pixel values.
-        rgb_bands: indices of the R, G, B bands to jitter; () jitters nothing (e.g. IR-R-G).
+        rgb_bands: indices of the bands to colour-jitter; () jitters nothing. Brightness and
+            contrast apply to every named band (one factor per image for all of them);
+            saturation and hue need a colour triple, so apply only when exactly 3 bands (R, G,
+            B) are named: (1, 2) jitters the R and G of IR-R-G imagery in brightness and
+            contrast only. Bands not named (infrared) stay untouched. Indices must be distinct
+            and >= 0; an index the images lack fails (naming this key) when g first runs.
         repeats: pairs drawn from each image per step, each with its own g (the reference's
             ``num_dataloaders``, 5 for its clustering runs); drawn on the worker only.
         augment_first: whole-image clustering only: the first view gets its own independent
@@ -60,6 +69,7 @@ class PairConfig:
     saturation: float = 0.4
     hue: float = 0.125
     flip: bool = True
+    dihedral: bool = False
     affine: bool = False
     rotation: float = 30.0
     shear: float = 10.0
@@ -81,8 +91,13 @@ class PairConfig:
             )
         if self.crop < 0:
             raise ValueError(f"pairs.crop must be >= 0, got {self.crop!r}")
-        if len(self.rgb_bands) not in (0, 3):
-            raise ValueError(f"pairs.rgb_bands must name 3 bands or none, got {self.rgb_bands!r}")
+        for i, band in enumerate(self.rgb_bands):
+            if band < 0:
+                raise ValueError(f"pairs.rgb_bands must be band indices >= 0, got {band!r}")
+            if band in self.rgb_bands[:i]:
+                raise ValueError(
+                    f"pairs.rgb_bands names band {band!r} twice, got {self.rgb_bands!r}"
+                )
         if self.strength * self.scale >= 1:
             raise ValueError(
                 f"pairs.scale * strength must be < 1, got {self.scale * self.strength}"

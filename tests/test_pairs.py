@@ -227,6 +227,93 @@ def test_hue_rotation_keeps_greys_grey_and_pure_brightness_scales():
     assert torch.allclose(out["gx"], grey, atol=1e-5)
 
 
+def common_line_fit(x: torch.Tensor, gx: torch.Tensor) -> tuple[float, float]:
+    """Fit gx = a x + b over the pixels of every band given (one image's, (k, H, W)) that no
+    clamp touched; returns (a, the largest residual)."""
+    keep = (gx > 0) & (gx < 1)
+    xs, ys = x[keep].double(), gx[keep].double()
+    design = torch.stack([xs, torch.ones_like(xs)], 1)
+    coef = torch.linalg.lstsq(design, ys.unsqueeze(1)).solution[:, 0]
+    return coef[0].item(), (design @ coef - ys).abs().max().item()
+
+
+@pytest.mark.parametrize("path", ["float", "uint8"])
+def test_a_band_subset_gets_a_common_brightness_and_contrast_and_no_hue(path):
+    # R and G of IR-R-G imagery: hue and saturation ranges set, but no colour triple named
+    cfg = PairConfig(flip=False, rgb_bands=(1, 2), hue=0.5, saturation=0.9)
+    x = 0.3 + 0.3 * smooth_images(16, bands=3, size=32, seed=11)  # few pixels clamped
+    if path == "uint8":
+        x = from_wire(torch.from_numpy(as_u8(x)))
+        out = make_pairs_u8(as_u8(x), cfg, torch.Generator().manual_seed(1))
+        gx, tol = from_wire(out["gx"]), 1 / 255  # the fit of 8-bit rounded values
+    else:
+        gx, tol = make_pairs(x, cfg, torch.Generator().manual_seed(1))["gx"], 1e-5
+    assert torch.equal(gx[:, 0], x[:, 0])  # not named: untouched, bit for bit
+    slopes = []
+    for i in range(len(x)):
+        # both named bands on one line: one brightness-contrast map, no mixing between bands
+        a, residual = common_line_fit(x[i, 1:], gx[i, 1:])
+        assert residual <= tol, (i, residual)
+        slopes.append(a)
+    assert max(abs(a - 1) for a in slopes) > 0.2  # and the jitter did change them
+    assert (gx[:, 1:] - x[:, 1:]).abs().mean().item() > 0.02
+
+
+@pytest.mark.parametrize(
+    "bands, rgb_bands", [(3, (1, 2)), (3, (0,)), (4, (3,)), (4, (2, 0, 3)), (4, (0, 1, 2, 3))]
+)
+def test_actors_8bit_path_jitters_any_band_subset_as_make_pairs(bands, rgb_bands):
+    raw = as_u8(smooth_images(8, bands=bands, size=32, seed=12))
+    cfg = PairConfig(rgb_bands=rgb_bands, affine=True)
+    fast = make_pairs_u8(raw, cfg, torch.Generator().manual_seed(2))
+    ref = make_pairs(from_wire(torch.from_numpy(raw)), cfg, torch.Generator().manual_seed(2))
+    for key in ("theta", "inverse", "mask"):
+        assert torch.equal(fast[key], ref[key]), key
+    diff = (from_wire(fast["gx"]) - ref["gx"]).abs()
+    assert diff.amax(1)[ref["mask"]].max().item() <= 1.5 / 255 + 1e-6
+    # bands not named only moved: as the same warp of x without any jitter
+    plain = make_pairs(
+        from_wire(torch.from_numpy(raw)),
+        PairConfig(affine=True, **NO_COLOUR),
+        torch.Generator().manual_seed(2),
+    )
+    others = [b for b in range(bands) if b not in rgb_bands]
+    assert torch.equal(plain["theta"], ref["theta"])
+    assert torch.equal(ref["gx"][:, others], plain["gx"][:, others])
+    named = list(rgb_bands)
+    assert (ref["gx"][:, named] - plain["gx"][:, named]).abs().mean().item() > 0.01
+
+
+@pytest.mark.parametrize(
+    "rgb_bands, match",
+    [
+        ([1, 1], r"pairs.rgb_bands names band 1 twice, got \(1, 1\)"),
+        ([0, 2, 0], r"pairs.rgb_bands names band 0 twice"),
+        ([0, -1], r"pairs.rgb_bands must be band indices >= 0, got -1"),
+    ],
+)
+def test_bad_rgb_bands_are_one_clear_line(rgb_bands, match):
+    with pytest.raises(ConfigError, match=r"^pairs: " + match) as err:
+        build(PairConfig, {"rgb_bands": rgb_bands}, "pairs.")
+    assert "\n" not in str(err.value)
+    # any non-empty subset, in any order, of up to any number of bands is a config
+    for ok in ([1, 2], [3], [2, 0, 1], [0, 1, 2, 3], []):
+        assert build(PairConfig, {"rgb_bands": ok}, "pairs.").rgb_bands == tuple(ok)
+    assert build(PairConfig, {"dihedral": True}, "pairs.").dihedral
+
+
+@pytest.mark.parametrize("path", ["float", "uint8"])
+def test_rgb_bands_past_the_images_bands_fail_naming_the_key(path):
+    cfg = PairConfig(rgb_bands=(1, 3))
+    raw = np.zeros((2, 3, 8, 8), np.uint8)
+    match = r"^pairs.rgb_bands names band 3, but the images have 3 bands \(0 to 2\)$"
+    with pytest.raises(ValueError, match=match):
+        if path == "uint8":
+            make_pairs_u8(raw, cfg, torch.Generator())
+        else:
+            make_pairs(torch.zeros(2, 3, 8, 8), cfg, torch.Generator())
+
+
 def test_unknown_pair_option_is_a_clear_error():
     # The pair actors rebuild their PairConfig from a plain dict this way.
     with pytest.raises(ConfigError, match=r"pairs\.jitter: unknown key \(known: .*affine"):

@@ -85,6 +85,14 @@ def test_band_mismatch_fails_before_training(shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_jittering_a_band_the_shards_lack_fails_before_training(shards, tmp_path):
+    d = config(shards, tmp_path).to_dict()
+    d["pairs"]["rgb_bands"] = [1, 3]
+    with pytest.raises(ConfigError, match=r"pairs.rgb_bands: \[1, 3\] names band 3, but the"):
+        fit(Config.from_dict(d))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_half_window_larger_than_tiles(shards, tmp_path):
     d = config(shards, tmp_path).to_dict()
     d["loss"]["half_window"] = 30

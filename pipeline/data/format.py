@@ -300,9 +300,9 @@ def label_lut(manifest: dict, merge: str) -> tuple[np.ndarray, list[str]]:
 
 
 def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
-    """The config fits the dataset: band count, T against the tiles a loss sees (the crop in
-    training, whole tiles in evaluation); for training also a crop that fits the tiles and an
-    evaluation split with tiles.
+    """The config fits the dataset: band count, the jittered bands, T against the tiles a loss
+    sees (the crop in training, whole tiles in evaluation); for training also a crop that fits
+    the tiles and an evaluation split with tiles.
 
     Raises:
         ConfigError: one line naming the config key and the shards.
@@ -330,6 +330,16 @@ def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
             f"data.eval_split: no tiles in split {cfg.data.eval_split!r} of {cfg.data.shards} "
             "(prepare it again with --test-fraction > 0: unlabelled data then gets held-out "
             "tiles too)"
+        )
+    pairs = cfg.pairs
+    jitter = pairs.strength > 0 and any(
+        (pairs.brightness, pairs.contrast, pairs.saturation, pairs.hue)
+    )
+    if jitter and bands is not None and pairs.rgb_bands and max(pairs.rgb_bands) >= bands:
+        raise ConfigError(
+            f"pairs.rgb_bands: {list(pairs.rgb_bands)} names band {max(pairs.rgb_bands)}, but "
+            f"the shards in {cfg.data.shards} have {bands} band(s) (0 to {bands - 1}); name "
+            "the bands to colour-jitter, or [] for none"
         )
     if cfg.data.band_lo and bands is not None and len(cfg.data.band_lo) != bands:
         raise ConfigError(
