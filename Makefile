@@ -9,10 +9,18 @@ DEMO_DIR ?= demo-output
 
 .PHONY: demo test lint bench clean
 
+# pip's chatter is dropped and its "Collecting" lines counted, so that a first install (a few
+# minutes) shows progress without a line per package; anything else pip says (errors) is shown.
+PIP_LINES := awk '/^Collecting /{n++; if (n % 20 == 0) print "  " n " packages found"; fflush(); next} \
+	/^Installing collected packages/{print "  installing"; fflush(); next} \
+	/^Successfully installed/{print "  installed"; next} \
+	/is ignored: it is neither|^ *(Requirement already satisfied|Using cached|Obtaining|Looking in|Processing|Stored in directory|Created wheel|Successfully built|Building|Installing build dependencies|Checking if build backend|Getting requirements|Preparing|Downloading|Attempting uninstall|Found existing installation|Uninstalling|Successfully uninstalled|  )/{next} {print; fflush()}'
+
 $(STAMP): pyproject.toml
+	@echo "installing the project and its pinned dependencies into $(VENV) (once)"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	# pip's notes about absent local mirror folders are noise; real errors still fail the build.
-	$(VENV)/bin/pip install --quiet -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	@echo '$(VENV)/bin/pip install -e ".[dev]"'
+	@$(VENV)/bin/pip install --progress-bar off -e ".[dev]" 2>&1 | $(PIP_LINES)
 	touch $(STAMP)
 
 # The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report,

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"  # in the run folder, while a driver trains it
 THIRD_PARTY_LOGS = "IID_THIRD_PARTY_LOGS"  # "1": Ray's and MLflow's own logs shown (-vv)
 PROGRESS_FILE = "progress.json"  # in the run folder: the last epoch's metrics, by rank 0
+WAIT_LINE_S = 10.0  # a line if the workers have not started after this many seconds
 ALREADY_FINISHED = "already finished"  # the result's return_value when nothing was trained
 
 
@@ -422,7 +423,9 @@ def _worker_error(err: Exception) -> RuntimeError:
 class EpochLines:
     """One line per trained epoch on the driver, while ``fit`` trains: rank 0 leaves the
     metrics of every epoch so far in the run folder (``PROGRESS_FILE``), a thread here prints
-    those it has not printed yet.
+    those it has not printed yet. Before that, a line when the workers have started, and one
+    after ``WAIT_LINE_S`` seconds if they have not (Ray Train starts processes that import
+    torch: tens of seconds on a small machine).
 
     Args:
         run_dir: the run folder.
@@ -440,8 +443,10 @@ class EpochLines:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.trained: list[float] = []
+        self.began, self.waited = time.monotonic(), False
 
     def __enter__(self) -> EpochLines:
+        self.began = time.monotonic()
         self.thread.start()
         return self
 
@@ -457,15 +462,16 @@ class EpochLines:
         except (OSError, ValueError):
             return {}  # not written yet
 
-    def _epochs(self) -> list[dict]:
-        return self._progress().get("epochs", [])
-
     def _watch(self) -> None:
         while not self.stop.wait(1.0):
             self._poll()
 
     def _poll(self) -> None:
         doc = self._progress()
+        waited = time.monotonic() - self.began
+        if not (self.announced or self.waited or self.trained) and waited >= WAIT_LINE_S:
+            self.waited = True
+            self.say(f"waiting for Ray Train to start the workers ({waited:.0f} s so far)")
         if "started" in doc and not self.announced:
             self.announced = True
             self.say(

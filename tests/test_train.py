@@ -30,6 +30,7 @@ from pipeline.losses import iid_segmentation_loss
 from pipeline.models import build_model
 from pipeline.train import (
     ALREADY_FINISHED,
+    EpochLines,
     NonFiniteLossError,
     _worker_error,
     check_resumable,
@@ -513,3 +514,27 @@ def test_a_ray_address_where_nothing_answers_is_one_line_after_the_wait(monkeypa
         assert time.monotonic() - start < 5 and "\n" not in str(err.value)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     check_cluster(wait_s=1)  # left to Ray
+
+
+def test_the_driver_says_when_workers_are_slow_to_start_then_started_then_each_epoch(
+    tmp_path, monkeypatch
+):
+    from pipeline import storage, train
+
+    monkeypatch.setattr(train, "WAIT_LINE_S", 0.0)
+    said: list[str] = []
+    progress = tmp_path / train.PROGRESS_FILE
+    # A former launch's state: its epoch 0 was printed then, and its "started" is stale.
+    epoch0 = {"epoch": 0, "loss_a": -1.0, "loss_b": -2.0, "mi": 0.5, "seconds_head_a": 1.0}
+    storage.write_json_atomic(str(progress), {"epochs": [epoch0], "started": 0, "workers": 2})
+    lines = EpochLines(str(tmp_path), 3, said.append)
+    lines._poll()
+    assert said == ["waiting for Ray Train to start the workers (0 s so far)"]
+    lines._poll()  # said once
+    storage.write_json_atomic(str(progress), {"epochs": [epoch0], "started": 1, "workers": 2})
+    lines._poll()
+    assert said[1:] == ["2 worker(s) ready: training epoch 2/3"]
+    epoch1 = epoch0 | {"epoch": 1}
+    storage.write_json_atomic(str(progress), {"epochs": [epoch0, epoch1]})
+    lines._poll()
+    assert len(said) == 3 and said[2].startswith("epoch 2/3: loss A -1.0000 B -2.0000")

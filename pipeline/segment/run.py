@@ -317,8 +317,9 @@ def _run(
         for i, layout in enumerate(layouts)
         for r, c in layout.cores()
     ]
-    # Blocks of a few batches: enough read tasks to overlap with scoring, few enough to be cheap.
-    blocks = max(1, min(len(items) // (4 * opts.batch_size), 4096))
+    # A block per batch: windows reach the writer (and the progress line) as they are scored,
+    # not in a few bursts; Ray's cost per block is small beside a batch's forward pass.
+    blocks = max(1, min(len(items) // opts.batch_size, 4096))
     scorer_args = {
         "plan": the_plan,
         "core": opts.core,
