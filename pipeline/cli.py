@@ -41,6 +41,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pipeline import tracking
     from pipeline.config import load_config, to_yaml
     from pipeline.train import ALREADY_FINISHED, dry_run, fit
 
@@ -82,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"model: {report['model_uri']}")
         print(
             f"mlflow: run {report['run_id']} in {report['tracking_uri']}\n"
-            f"  browse: mlflow ui --backend-store-uri {report['tracking_uri']}"
+            f"  browse: {tracking.browse(report['tracking_uri'], report['run_id'])}"
         )
     return 0
 
@@ -125,6 +126,8 @@ def _tune(args: argparse.Namespace) -> int:
         )
         space = _read_yaml(args.space)
         outcome = run_search(base, space, opts, args.space)
+    from pipeline import tracking
+
     print(format_table(outcome))
     if outcome.best_config is not None:
         print(
@@ -138,7 +141,7 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"trials: {trials}; plots: {plots}")
     print(
         f"mlflow: parent run {outcome.parent_run_id} in {outcome.tracking_uri}\n"
-        f"  browse: mlflow ui --backend-store-uri {outcome.tracking_uri}"
+        f"  browse: {tracking.browse(outcome.tracking_uri, outcome.parent_run_id)}"
     )
     return 0
 

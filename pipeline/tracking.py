@@ -245,6 +245,21 @@ def mark_finished(uri: str, run_id: str) -> None:
     mlflow.MlflowClient(uri).set_tag(run_id, "status", "finished")
 
 
+def browse(uri: str, run_id: str) -> str:
+    """How to see ``run_id`` in MLflow's UI: the run's page on a tracking server, or the
+    command that serves a local store and the page to open. Linking the run's page matters:
+    MLflow 3's UI opens an experiment on its GenAI pages in a fresh browser, whatever the
+    experiment's kind (mlflow/mlflow#24498).
+    """
+    import mlflow
+
+    experiment = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
+
+
 def report_logged(uri: str, run_id: str) -> bool:
     """Whether ``log_report`` has completed for the run."""
     import mlflow

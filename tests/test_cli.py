@@ -208,6 +208,11 @@ def test_train_prints_a_line_per_epoch_quietly_and_a_finished_rerun_trains_nothi
     assert lines.index("Ray ready; starting 1 training worker(s)") < lines.index(epochs[0])
     assert lines.index("1 worker(s) ready: training epoch 1/2") < lines.index(epochs[0])
     assert not noise(lines), lines
+    # The run's page, not the experiment's (which MLflow 3's UI opens on its GenAI pages).
+    run_id = next(ln.split()[2] for ln in lines if ln.startswith("mlflow: run "))
+    browse = next(ln for ln in lines if ln.startswith("  browse: "))
+    assert browse.startswith("  browse: mlflow ui --backend-store-uri sqlite:///"), browse
+    assert browse.endswith(f"then http://127.0.0.1:5000/#/experiments/1/runs/{run_id}"), browse
 
     again = subprocess.run(
         [IID, "train", "--config", str(config)],
