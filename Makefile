@@ -9,18 +9,19 @@ DEMO_DIR ?= demo-output
 
 .PHONY: demo test lint bench clean
 
-# pip's chatter is dropped and its "Collecting" lines counted, so that a first install (a few
+# pip's chatter is dropped and the packages it finds are counted, so that a first install (a few
 # minutes) shows progress without a line per package; anything else pip says (errors) is shown.
-PIP_LINES := awk '/^Collecting /{n++; if (n % 20 == 0) print "  " n " packages found"; fflush(); next} \
-	/^Installing collected packages/{print "  installing"; fflush(); next} \
+# Unbuffered: through a pipe pip's lines would otherwise arrive in a few late bursts.
+PIP_LINES := awk '/^(Collecting|Processing) /{n++; if (n % 20 == 0) print "  " n " packages found"; fflush(); next} \
+	/^Installing collected packages/{print "  installing them (pip is silent for a minute or two)"; fflush(); next} \
 	/^Successfully installed/{print "  installed"; next} \
-	/is ignored: it is neither|^ *(Requirement already satisfied|Using cached|Obtaining|Looking in|Processing|Stored in directory|Created wheel|Successfully built|Building|Installing build dependencies|Checking if build backend|Getting requirements|Preparing|Downloading|Attempting uninstall|Found existing installation|Uninstalling|Successfully uninstalled|  )/{next} {print; fflush()}'
+	/is ignored: it is neither|^ *(Requirement already satisfied|Using cached|Obtaining|Looking in|Stored in directory|Created wheel|Successfully built|Building|Installing build dependencies|Checking if build backend|Getting requirements|Preparing|Downloading|Attempting uninstall|Found existing installation|Uninstalling|Successfully uninstalled)/{next} {print; fflush()}'
 
 $(STAMP): pyproject.toml
 	@echo "installing the project and its pinned dependencies into $(VENV) (once)"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@echo '$(VENV)/bin/pip install -e ".[dev]"'
-	@$(VENV)/bin/pip install --progress-bar off -e ".[dev]" 2>&1 | $(PIP_LINES)
+	@PYTHONUNBUFFERED=1 $(VENV)/bin/pip install --progress-bar off -e ".[dev]" 2>&1 | $(PIP_LINES)
 	touch $(STAMP)
 
 # The main job on the generated scene: prepare, train (2 Ray Train workers), evaluate, report,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -145,9 +146,8 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def _finished(log: Path) -> list[str]:
     """Trial ids the driver's progress lines report finished."""
     lines = log.read_text().splitlines() if log.is_file() else []
-    return [
-        ln.split()[-2] for ln in lines if "pipeline.tune.search: trial" in ln and "finished" in ln
-    ]
+    found = (re.search(r"pipeline.tune.search: trial (\S+) finished", ln) for ln in lines)
+    return [m.group(1) for m in found if m]
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +192,14 @@ def search(shards, tmp_path_factory) -> dict:
         "finished_before_kill": finished,
         "checkpoints_before": before,
         "stdout": resumed.stdout,
+        "first_log": (tmp / "first.log").read_text(),
         "uri": f"sqlite:///{tmp / 'mlflow.db'}",
     }
 
 
 def test_resumed_search_ends_with_all_trials_and_does_not_rerun_finished_ones(search):
+    # The first search's lines counted its ended trials as they ended.
+    assert "(1 of 3 trials ended)" in search["first_log"], search["first_log"][-3000:]
     rows = list(csv_rows(search["folder"] / "trials.csv"))
     assert len(rows) == 3
     assert all(r["status"] in ("done", "stopped early") for r in rows), rows
@@ -206,10 +209,14 @@ def test_resumed_search_ends_with_all_trials_and_does_not_rerun_finished_ones(se
         # The same checkpoints as before the kill: the trial was not trained again ...
         after = sorted(p.name for p in run_dir.glob("checkpoint_*"))
         assert after == search["checkpoints_before"][name]
-        # ... and its MLflow record holds each epoch once.
+        # ... and its MLflow record holds each epoch it trained once. ASHA may have stopped the
+        # first trial to end after its first rung (which one depends on timing), and rank 0 logs
+        # an epoch before its report: a trial stopped while reporting may show one more epoch
+        # in MLflow than Tune recorded.
         run_id = (run_dir / "mlflow_run_id").read_text().strip()
-        steps = [m.step for m in client.get_metric_history(run_id, "eval/mi")]
-        assert sorted(steps) == list(range(EPOCHS))
+        epochs = int(next(r["epochs"] for r in rows if r["mlflow_run"] == run_id))
+        steps = sorted(m.step for m in client.get_metric_history(run_id, "eval/mi"))
+        assert steps == list(range(len(steps))) and len(steps) - epochs in (0, 1), (steps, epochs)
 
 
 def csv_rows(path: Path):

@@ -235,7 +235,7 @@ def _new_tuner(record: SearchRecord, space: SearchSpace):
         run_config=ray.tune.RunConfig(
             name=opts.name,
             storage_path=record.folder.rstrip("/").rsplit("/", 1)[0],  # the folder's parent
-            callbacks=[Progress()],
+            callbacks=[Progress(opts.num_samples)],
             verbose=0,
             failure_config=ray.tune.FailureConfig(max_failures=0),
         ),
@@ -356,7 +356,16 @@ def _finished_history(run_dir: str, epochs: int) -> list[dict]:
 
 
 class Progress(ray.tune.Callback):
-    """One log line per trial epoch and per finished trial (``iid tune`` shows them)."""
+    """One log line per trial epoch and per ended trial, with how many of ``total`` have ended
+    (``iid tune`` shows them)."""
+
+    def __init__(self, total: int = 0):
+        self.total = total
+
+    def _ended(self, trials, trial) -> str:
+        # Counted from Tune's own list, so a resumed search counts the trials it restored.
+        ended = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+        return f"{ended} of {self.total} trials ended" if self.total else f"{ended} ended"
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         log.info(
@@ -367,10 +376,15 @@ class Progress(ray.tune.Callback):
         )
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        log.info("trial %s finished", trial.trial_id)
+        log.info("trial %s finished (%s)", trial.trial_id, self._ended(trials, trial))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        log.warning("trial %s failed (see its error.txt under %s)", trial.trial_id, trial.path)
+        log.warning(
+            "trial %s failed (see its error.txt under %s; %s)",
+            trial.trial_id,
+            trial.path,
+            self._ended(trials, trial),
+        )
 
 
 def _fmt_metrics(m: dict) -> str:
