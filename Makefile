@@ -13,6 +13,7 @@ DEMO_DIR ?= demo-output
 # minutes) shows progress without a line per package; anything else pip says (errors) is shown.
 # Unbuffered: through a pipe pip's lines would otherwise arrive in a few late bursts.
 PIP_LINES := awk '/^(Collecting|Processing) /{n++; if (n % 20 == 0) print "  " n " packages found"; fflush(); next} \
+	/^ *Downloading /{d++; if (d % 10 == 0) print "  " d " packages downloaded"; fflush(); next} \
 	/^Installing collected packages/{print "  installing them (pip is silent for a minute or two)"; fflush(); next} \
 	/^Successfully installed/{print "  installed"; next} \
 	/is ignored: it is neither|^ *(Requirement already satisfied|Using cached|Obtaining|Looking in|Stored in directory|Created wheel|Successfully built|Building|Installing build dependencies|Checking if build backend|Getting requirements|Preparing|Downloading|Attempting uninstall|Found existing installation|Uninstalling|Successfully uninstalled)/{next} {print; fflush()}'
