@@ -85,8 +85,7 @@ def _colour_draws(
     """colour_jitter's random draws for images of ``bands`` bands, in their order: ((n, k, k)
     colour matrices of the k named bands, (n,) contrast factors), or None (and nothing drawn)
     when the config jitters nothing."""
-    ranges = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue)
-    if not cfg.rgb_bands or cfg.strength == 0 or not any(ranges):
+    if not cfg.jitters:
         return None
     for band in cfg.rgb_bands:  # the config cannot know the band count: checked where it is
         if band >= bands:

@@ -80,6 +80,12 @@ class PairConfig:
     repeats: int = 1
     augment_first: bool = False
 
+    @property
+    def jitters(self) -> bool:
+        """Whether g changes any band's colour (some band named, some range above 0)."""
+        ranges = (self.brightness, self.contrast, self.saturation, self.hue)
+        return bool(self.rgb_bands) and self.strength > 0 and any(ranges)
+
     def __post_init__(self) -> None:
         if self.repeats < 1:
             raise ValueError(f"pairs.repeats must be >= 1, got {self.repeats!r}")

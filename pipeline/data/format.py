@@ -332,10 +332,7 @@ def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
             "tiles too)"
         )
     pairs = cfg.pairs
-    jitter = pairs.strength > 0 and any(
-        (pairs.brightness, pairs.contrast, pairs.saturation, pairs.hue)
-    )
-    if jitter and bands is not None and pairs.rgb_bands and max(pairs.rgb_bands) >= bands:
+    if pairs.jitters and bands is not None and max(pairs.rgb_bands) >= bands:
         raise ConfigError(
             f"pairs.rgb_bands: {list(pairs.rgb_bands)} names band {max(pairs.rgb_bands)}, but "
             f"the shards in {cfg.data.shards} have {bands} band(s) (0 to {bands - 1}); name "
