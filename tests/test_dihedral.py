@@ -13,7 +13,6 @@ from pipeline import augment
 from pipeline.augment import make_pairs, make_pairs_u8, undo
 from pipeline.config import PairConfig
 from pipeline.data.format import from_wire
-from pipeline.losses import iid_segmentation_loss
 from tests.test_pairs import DEVICES, NO_COLOUR, pairs_on, smooth_images
 
 PURE_D4 = PairConfig(dihedral=True, **NO_COLOUR)
@@ -158,32 +157,6 @@ def test_dihedral_refuses_non_square_images(path):
             make_pairs(torch.zeros(2, 3, 16, 24), PURE_D4, torch.Generator())
     # without dihedral, non-square images still pass (flips only)
     assert make_pairs_u8(raw, PairConfig(**NO_COLOUR), torch.Generator())["gx"].shape == raw.shape
-
-
-def test_no_invalid_pixel_reaches_the_loss_through_quarter_turns():
-    """As for flips and the affine (test_own_imagery): predictions at pixels without data, in
-    either view, do not change the loss; g* runs grid_sample here (gradients)."""
-    gen = torch.Generator().manual_seed(0)
-    n, k, side = 8, 3, 24
-    x = torch.rand(n, 3, side, side, generator=gen)
-    valid = torch.ones(n, side, side, dtype=torch.bool)
-    valid[:, :, 17:] = False  # padding of an edge tile
-    valid[0, :6, :6] = False  # a nodata corner
-    pair = make_pairs(x, PairConfig(dihedral=True), gen, valid)
-    assert not (pair["mask"] & ~valid).any()
-    assert pair["mask"].float().mean() > 0.5
-    touched = augment._move((~valid).unsqueeze(1).float(), pair["theta"])[:, 0] > 0
-
-    def loss(p, q_second):
-        q, _ = undo(q_second, pair["inverse"])
-        return iid_segmentation_loss(p, q, pair["mask"], lamb=1.5, half_window=2).loss
-
-    p = torch.softmax(torch.randn(n, k, side, side, generator=gen), 1).requires_grad_()
-    q = torch.softmax(torch.randn(n, k, side, side, generator=gen), 1).requires_grad_()
-    base = loss(p, q)
-    base.backward()
-    assert p.grad[~valid.unsqueeze(1).expand_as(p)].abs().max() == 0
-    assert q.grad[touched.unsqueeze(1).expand_as(q)].abs().max() == 0
 
 
 def test_both_exact_movers_agree_with_rot90():

@@ -135,18 +135,30 @@ def test_labels_are_ignored_wherever_the_image_has_no_data(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the loss mask
-@pytest.mark.parametrize("affine", [False, True])
-def test_no_invalid_pixel_reaches_the_loss(affine):
+@pytest.mark.parametrize(
+    "cfg, n, least_kept",
+    [
+        (PairConfig(shift=0.1), 4, 0.0),  # flips
+        (PairConfig(affine=True, shift=0.1), 4, 0.0),
+        # quarter turns move whole pixels: most valid pixels stay in the loss (8 images: more
+        # of the 8 elements drawn)
+        (PairConfig(dihedral=True), 8, 0.5),
+    ],
+    ids=["flips", "affine", "dihedral"],
+)
+def test_no_invalid_pixel_reaches_the_loss(cfg, n, least_kept):
     """Predictions at pixels without data, in either view, cannot change the loss: whatever
-    they are, the loss and its value stay the same, and their gradient is zero."""
+    they are, the loss and its value stay the same, and their gradient is zero (g* runs
+    grid_sample here, as in training: gradients)."""
     gen = torch.Generator().manual_seed(0)
-    n, k, h, w = 4, 3, 24, 24
+    k, h, w = 3, 24, 24
     x = torch.rand(n, 3, h, w, generator=gen)
     valid = torch.ones(n, h, w, dtype=torch.bool)
     valid[:, :, 17:] = False  # padding of an edge tile
     valid[0, :6, :6] = False  # a nodata corner
-    pair = make_pairs(x, PairConfig(affine=affine, shift=0.1), gen, valid)
+    pair = make_pairs(x, cfg, gen, valid)
     assert not (pair["mask"] & ~valid).any()
+    assert pair["mask"].float().mean() > least_kept
     # the second view's pixels that drew on an invalid pixel of x
     touched = warp((~valid).unsqueeze(1).float(), pair["theta"])[:, 0] > 0
 
