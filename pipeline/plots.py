@@ -220,6 +220,12 @@ def _legend_layout(labels: Sequence[str], width: float) -> tuple[int, float]:
     return ncol, 0.2 + 0.17 * math.ceil(len(labels) / ncol)
 
 
+def _mapping(counts: np.ndarray, scores: ClusterScores | None) -> np.ndarray:
+    """(K,) class of each cluster, -1 for none: the scores' matching, or one made from counts
+    (no labelled pixel: nothing to score, yet the plots still colour clusters)."""
+    return np.asarray(scores.mapping) if scores is not None else hungarian_mapping(counts)
+
+
 def plot_overlays(ev: Evaluation, classes: Sequence[str]) -> plt.Figure:
     """Rows of image / prediction (clusters mapped to classes by Hungarian matching) / truth /
     errors; ignored and no-data pixels grey.
@@ -231,10 +237,7 @@ def plot_overlays(ev: Evaluation, classes: Sequence[str]) -> plt.Figure:
     Returns:
         The figure.
     """
-    scores = ev.scores[ev.best]
-    mapping = (
-        np.asarray(scores.mapping) if scores is not None else hungarian_mapping(ev.counts[ev.best])
-    )
+    mapping = _mapping(ev.counts[ev.best], ev.scores[ev.best])
     m = len(classes)
     palette = class_palette(m)
     handles = [Patch(color=palette[i], label=c) for i, c in enumerate(classes)]
@@ -507,7 +510,7 @@ def plot_confusion(
     k, m = counts.shape
     if scores is None and counts.sum() > 0:
         scores = cluster_scores(counts)
-    mapping = np.asarray(scores.mapping) if scores is not None else hungarian_mapping(counts)
+    mapping = _mapping(counts, scores)
     iou = np.asarray(scores.iou if scores is not None else [np.nan] * m, dtype=np.float64)
     order = confusion_order(mapping)
     fractions = row_fractions(counts[order])
