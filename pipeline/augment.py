@@ -1,16 +1,17 @@
 """g: the random transformations that make the training pairs (x, g(x)), and undoing them.
 
-g is: colour jitter (brightness and contrast on the bands ``rgb_bands`` names, never on
-infrared; saturation and hue in HSV too when they name an R, G, B triple), then an optional random
-affine (rotation, shear, scale, shift), then a horizontal flip with probability 0.5, or with
-``dihedral`` one of the 8 symmetries of the square (D4: a rotation by a multiple of 90 degrees,
-with or without a flip, equally likely; square images only), then optional Gaussian pixel noise.
-One ``strength`` knob scales every jitter, affine and noise range (0 leaves only the flips, or
-the D4 elements). The spatial part is one 2x3 matrix per pair in ``affine_grid`` coordinates (a
-D4 element is an integer 2x2 matrix multiplied into the affine's); the pair carries its inverse,
-and ``undo`` warps the second view's prediction back into the first view's frame (bilinear, zero
-padding) with the mask of pixels that stayed inside. Without the affine, flips and quarter turns
-move whole pixels: both paths apply them exactly, and every pixel is restorable.
+g is: an optional stroke-width jitter (whole-image clustering), colour jitter (brightness and
+contrast on the bands ``rgb_bands`` names, never on infrared; saturation and hue in HSV too when
+they name an R, G, B triple), then an optional random affine (rotation, shear, scale, shift), then
+a horizontal flip with probability 0.5, or with ``dihedral`` one of the 8 symmetries of the square
+(D4: a rotation by a multiple of 90 degrees, with or without a flip, equally likely; square images
+only), then optional Gaussian pixel noise. One ``strength`` knob scales every jitter, affine,
+stroke and noise range (0 leaves only the flips, or the D4 elements). The spatial part is one 2x3
+matrix per pair in ``affine_grid`` coordinates (a D4 element is an integer 2x2 matrix multiplied
+into the affine's); the pair carries its inverse, and ``undo`` warps the second view's prediction
+back into the first view's frame (bilinear, zero padding) with the mask of pixels that stayed
+inside. Without the affine, flips and quarter turns move whole pixels: both paths apply them
+exactly, and every pixel is restorable.
 
 ``make_pairs`` is plain torch on whatever device its input is on: the trainer may run it on GPU
 tensors. ``make_pairs_u8`` makes the same draws from the same functions and applies them with
@@ -429,12 +430,25 @@ def _pair(
     return {"x": x, "gx": gx, "theta": theta, "inverse": inverse, "mask": mask}
 
 
+def stroke_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> torch.Tensor:
+    """Each image of x (n, B, H, W) blended toward its 3x3 grey dilation or erosion by a
+    factor drawn from [-stroke, stroke] (``PairConfig.stroke``); x itself when off (nothing
+    drawn then)."""
+    v = cfg.stroke * cfg.strength
+    if not v:
+        return x
+    t = _uniform(len(x), -v, v, gen, x.device).view(-1, 1, 1, 1)
+    dilated = F.max_pool2d(x, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return x + t.clamp(min=0) * (dilated - x) + (-t).clamp(min=0) * (eroded - x)
+
+
 def _draw_view(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator):
     """(g(x), theta) for one fresh draw of g on every image of x."""
     n, _, h, w = x.shape
     _check_square(cfg, h, w)
     theta = spatial_matrices(n, cfg, gen, x.device)
-    gx = colour_jitter(x, cfg, gen)
+    gx = colour_jitter(stroke_jitter(x, cfg, gen), cfg, gen)
     if cfg.affine and cfg.strength > 0:
         gx = warp(gx, theta)
     elif cfg.dihedral:  # flips and quarter turns: whole pixels, exactly
@@ -446,9 +460,10 @@ def _draw_view(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator):
     return _noisy(gx, cfg, gen), theta
 
 
-def fits_u8_path(raw: np.ndarray) -> bool:
-    """Whether ``make_pairs_u8`` takes these (n, B, H, W) images: uint8, B <= 4, OpenCV there."""
-    return raw.dtype == np.uint8 and raw.shape[1] <= 4 and _cv2 is not None
+def fits_u8_path(raw: np.ndarray, cfg: PairConfig) -> bool:
+    """Whether ``make_pairs_u8`` takes these (n, B, H, W) images and this g: uint8, B <= 4,
+    OpenCV there, and no stroke jitter (``make_pairs`` alone draws it)."""
+    return raw.dtype == np.uint8 and raw.shape[1] <= 4 and _cv2 is not None and not cfg.stroke
 
 
 def _adds_noise(cfg: PairConfig) -> bool:
@@ -486,10 +501,10 @@ def make_pairs_u8(
     Raises:
         ValueError: not uint8, more than 4 bands, or OpenCV missing; and as ``make_pairs``.
     """
-    if not fits_u8_path(raw):
+    if not fits_u8_path(raw, cfg):
         raise ValueError(
-            f"make_pairs_u8 needs uint8 images of <= 4 bands and OpenCV, got "
-            f"{raw.dtype} with {raw.shape[1]} bands"
+            f"make_pairs_u8 needs uint8 images of <= 4 bands, OpenCV and pairs.stroke 0, got "
+            f"{raw.dtype} with {raw.shape[1]} bands and stroke {cfg.stroke}"
         )
     gx, theta = _draw_view_u8(raw, cfg, gen)
     x = _draw_view_u8(raw, cfg, gen)[0] if cfg.augment_first else raw

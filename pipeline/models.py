@@ -223,6 +223,9 @@ class ClusterNet(_TwoHeads):
         n_subheads: independent sub-heads per head.
         trunk: ``"small"`` (4 conv layers, any input from 8 px) or ``"resnet34"`` (64-96 px).
         sobel: as in SegmentationNet.
+        input_size: side every image is rescaled to before the trunk (antialiased bilinear),
+            as the reference rescales its crops (MNIST's 28 px to 24, STL-10's 96 to 64);
+            0 takes images as they come.
     """
 
     def __init__(
@@ -233,9 +236,13 @@ class ClusterNet(_TwoHeads):
         n_subheads: int = 5,
         trunk: Literal["small", "resnet34"] = "small",
         sobel: SobelMode = "none",
+        input_size: int = 0,
     ):
         super().__init__()
         _check_heads(n_clusters_a, n_clusters_b, n_subheads)
+        if not isinstance(input_size, int) or input_size < 0:
+            raise ValueError(f"input_size must be an integer >= 0, got {input_size!r}")
+        self.input_size = input_size
         builders = {"small": _small_trunk, "resnet34": _resnet34_trunk}
         if trunk not in builders:
             raise ValueError(f"trunk must be one of {sorted(builders)}, got {trunk!r}")
@@ -248,6 +255,14 @@ class ClusterNet(_TwoHeads):
             _kaiming_init(self)
         else:
             _kaiming_init(self.heads)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        side = self.input_size
+        if side and x.ndim == 4 and tuple(x.shape[-2:]) != (side, side):
+            x = F.interpolate(
+                x, size=(side, side), mode="bilinear", antialias=True, align_corners=False
+            )
+        return super().features(x)
 
     def forward(self, x: torch.Tensor, head: Head = "B") -> list[torch.Tensor]:
         """Cluster probabilities, one (n, C) tensor per sub-head."""
@@ -267,5 +282,11 @@ def build_model(cfg: ModelConfig) -> SegmentationNet | ClusterNet:
             cfg.width,
         )
     return ClusterNet(
-        cfg.in_channels, cfg.n_clusters_a, cfg.n_clusters_b, cfg.n_subheads, cfg.trunk, cfg.sobel
+        cfg.in_channels,
+        cfg.n_clusters_a,
+        cfg.n_clusters_b,
+        cfg.n_subheads,
+        cfg.trunk,
+        cfg.sobel,
+        cfg.input_size,
     )

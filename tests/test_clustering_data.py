@@ -13,6 +13,7 @@ import pytest
 from pipeline.cli import main as cli_main
 from pipeline.data.format import PrepareError, decode_raw
 from pipeline.prepare.clustering import (
+    DigitsSpec,
     prepare_class_folders,
     prepare_digits,
     prepare_mnist,
@@ -35,6 +36,31 @@ def image_of(row) -> np.ndarray:
 
 def split_of(out) -> dict[str, str]:
     return {r["tile_id"]: r["split"] for r in rows_of(out)}
+
+
+def test_digits_stand_in_is_larger_bent_and_split_by_original(tmp_path):
+    even = prepare_digits(tmp_path / "even", OPTS, DigitsSpec(28, copies=2, half="even"))
+    odd = prepare_digits(tmp_path / "odd", OPTS, DigitsSpec(28, copies=2, half="odd", seed=1))
+    assert even["image_size"] == [28, 28] and even["digits"]["half"] == "even"
+    rows = rows_of(tmp_path / "even")
+    assert len(rows) == 2 * 899 and len({r["tile_id"] for r in rows}) == len(rows)
+    images = np.stack([image_of(r) for r in rows])
+    assert images.shape[1:] == (1, 28, 28) and images.dtype == np.uint8
+    # The digit sits inside the frame, as MNIST's do: the border rows are (almost) empty.
+    assert images[:, 0, :2].mean() < 10 and images[:, 0, 10:18, 10:18].mean() > 40
+    # Copy c of original i is row c * 899 + i: copies differ (bent apart), share class and split.
+    first, second = images[:899].astype(int), images[899:].astype(int)
+    assert all(np.abs(a - b).mean() > 3 for a, b in zip(first[:50], second[:50], strict=True))
+    by_id = {int(r["tile_id"].split("#")[1]): r for r in rows}
+    for i in range(899):
+        a, b = by_id[i], by_id[899 + i]
+        assert a["class_id"] == b["class_id"] and a["split"] == b["split"]
+    # The halves hold different originals: their classes interleave as sklearn's order does.
+    assert sum(odd["splits"][s]["tiles"] for s in ("train", "test")) == 2 * 898
+    with pytest.raises(ValueError, match="digits copies must be >= 1, and 1 at 8 px"):
+        DigitsSpec(copies=3)
+    with pytest.raises(ValueError, match="digits size must be >= 8 px, got 4"):
+        DigitsSpec(size=4)
 
 
 def write_idx(path, array, gz=False):

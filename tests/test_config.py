@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import CLUSTERING_DEFAULTS, Config, ConfigError, load_config
+from pipeline.data.format import fit_to_data
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -77,6 +78,13 @@ def write(tmp_path, text):
         ("42", [], r"expected a mapping at the top, got int"),
         ("data: {shards: x}", ["optim.lr=["], r"--set 'optim.lr=\[': the value is not valid YAML"),
         ("data: {shards: x}", ["=3"], r"--set '=3': expected section.key=value"),
+        ("data: {shards: x}", ["model.input_size=24"], r"model.input_size: expected 0 for segm"),
+        (
+            "data: {shards: x}",
+            ["pairs.stroke=0.5"],
+            r"pairs.stroke: 0.5 needs model.task: clustering, got 'segmentation'",
+        ),
+        ("data: {shards: x}", ["pairs.stroke=2"], r"pairs.stroke \* strength must be in \[0, 1\]"),
         ("data: {shards: x}", ["optim.=3"], r"--set 'optim.=3': expected section.key=value"),
     ],
 )
@@ -94,3 +102,42 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.loss.lamb_b == 2.0 and isinstance(cfg.loss.lamb_b, float)
     assert cfg.pairs.affine is True and cfg.data.train_splits == ("train",)
     assert cfg.flat()["loss.lamb_b"] == 2.0
+
+
+def test_clustering_starts_from_the_papers_recipe_and_set_keys_win(tmp_path):
+    text = "data: {shards: x}\nmodel: {task: clustering, n_clusters_b: 10}"
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.model.n_clusters_a == 50 and cfg.model.n_subheads == 5  # 5x overclustering
+    assert cfg.pairs.affine and cfg.pairs.augment_first and not cfg.pairs.flip
+    assert cfg.pairs.stroke > 0 and cfg.data.pairs_on == "worker"
+    assert cfg.loss.lamb_b == CLUSTERING_DEFAULTS["loss"]["lamb_b"]
+    assert cfg.data.batch_size == CLUSTERING_DEFAULTS["data"]["batch_size"]
+    text = "data: {shards: x, batch_size: 7}\nmodel: {task: clustering, n_clusters_a: 12}"
+    mine = load_config(write(tmp_path, text), ["pairs.flip=true", "pairs.stroke=0"])
+    assert mine.data.batch_size == 7 and mine.model.n_clusters_a == 12
+    assert mine.pairs.flip and mine.pairs.stroke == 0 and mine.pairs.affine
+    # The round trip through a checkpoint's plain dict keeps every value.
+    assert Config.from_dict(mine.to_dict()) == mine
+    # Segmentation keeps its own defaults.
+    seg = load_config(write(tmp_path, "data: {shards: x}"))
+    assert not seg.pairs.affine and seg.model.n_clusters_a == 24 and seg.pairs.repeats == 1
+
+
+@pytest.mark.parametrize(
+    "side, bands, task, want_size, want_bands",
+    [
+        (28, 1, "clustering", 14, (0,)),  # grey digits: rescaled, the one band jittered
+        (8, 1, "clustering", 8, (0,)),
+        (96, 3, "clustering", 48, (0, 1, 2)),
+        (None, 3, "clustering", 0, (0, 1, 2)),  # no recorded size: images as they come
+        (28, 1, "segmentation", 0, (0, 1, 2)),  # segmentation names its bands itself
+    ],
+)
+def test_the_dataset_sizes_a_clustering_network_and_its_jittered_bands(
+    side, bands, task, want_size, want_bands
+):
+    cfg = Config.from_dict({"data": {"shards": "x"}, "model": {"task": task}})
+    manifest = {"bands": bands, "dtype": "uint8"} | ({"image_size": [side, side]} if side else {})
+    fitted = fit_to_data(cfg, manifest)
+    assert fitted.model.input_size == want_size and fitted.pairs.rgb_bands == want_bands
+    assert fitted.model.in_channels == bands

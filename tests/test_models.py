@@ -109,3 +109,21 @@ def test_cluster_net_learns_with_iid_loss():
         opt.step()
         losses.append(out.loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_cluster_net_rescales_every_image_to_its_input_size():
+    torch.manual_seed(0)
+    net = ClusterNet(1, n_clusters_a=6, n_clusters_b=3, n_subheads=2, input_size=16).eval()
+    plain = ClusterNet(1, n_clusters_a=6, n_clusters_b=3, n_subheads=2).eval()
+    plain.load_state_dict(net.state_dict())  # the rescale holds no weights
+    x = torch.rand(4, 1, 28, 28)
+    small = torch.nn.functional.interpolate(
+        x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False
+    )
+    with torch.no_grad():
+        for got, want in zip(net(x), plain(small), strict=True):
+            torch.testing.assert_close(got, want)
+        # An image already at the size passes untouched, whatever size it came from.
+        torch.testing.assert_close(net(small)[0], plain(small)[0])
+    with pytest.raises(ValueError, match="input_size must be an integer >= 0, got -1"):
+        ClusterNet(input_size=-1)

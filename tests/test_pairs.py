@@ -151,6 +151,32 @@ def test_actors_8bit_path_refuses_what_it_cannot_do():
         make_pairs_u8(np.zeros((1, 3, 8, 8), np.uint16), cfg, torch.Generator())
 
 
+def test_stroke_jitter_thickens_or_thins_each_view_and_the_actors_draw_it_in_torch():
+    # A one-pixel line of 12 px on a dark ground: its full 3x3 dilation holds 3 x 14 px of ink
+    # (3.5x), its full erosion none.
+    x = torch.zeros(64, 1, 16, 16)
+    x[:, :, 8, 2:14] = 1.0
+    off = {"rgb_bands": (), "flip": False, "strength": 1.0}
+    cfg = PairConfig(stroke=1.0, **off)
+    t = augment._uniform(64, -1.0, 1.0, torch.Generator().manual_seed(4), "cpu")
+    gx = augment.stroke_jitter(x, cfg, torch.Generator().manual_seed(4))
+    ink = gx.sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3))
+    # Thicker by t where t > 0, thinner by |t| where t < 0.
+    torch.testing.assert_close(ink, 1 + 2.5 * t.clamp(min=0) - (-t).clamp(min=0))
+    assert (t > 0.5).any() and (t < -0.5).any()
+    assert gx.min() >= 0 and gx.max() <= 1  # a blend of the image and its min/max filters
+    # Both views of a pair draw their own width (augment_first); 0 draws nothing at all.
+    pair = make_pairs(x, PairConfig(stroke=1.0, augment_first=True, **off), torch.Generator())
+    assert not torch.equal(pair["x"].sum((1, 2, 3)), pair["gx"].sum((1, 2, 3)))
+    plain = PairConfig(**off)
+    assert augment.stroke_jitter(x, plain, torch.Generator()) is x
+    # OpenCV's 8-bit path has no stroke jitter: it refuses, and the actors (which ask
+    # fits_u8_path) take make_pairs.
+    with pytest.raises(ValueError, match="pairs.stroke 0, got uint8 with 1 bands and stroke 1.0"):
+        make_pairs_u8(as_u8(x), cfg, torch.Generator())
+    assert not augment.fits_u8_path(as_u8(x), cfg) and augment.fits_u8_path(as_u8(x), plain)
+
+
 @pytest.mark.parametrize("bands", [1, 3, 4, 5])
 def test_opencv_warp_on_cpu_matches_grid_sample(bands):
     assert augment._cv2 is not None  # a dependency: the CPU pair stage must not silently slow down

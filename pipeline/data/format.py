@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import IGNORE_INDEX, storage
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, PairConfig
 
 # torch only where a tensor is made: the readers of rasters and shards (Ray Data read tasks
 # among them) then run without it, half a gigabyte lighter per process.
@@ -332,6 +332,8 @@ def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
             "tiles too)"
         )
     pairs = cfg.pairs
+    if bands is not None:
+        pairs = dataclasses.replace(pairs, rgb_bands=jittered_bands(cfg, bands))
     if pairs.jitters and bands is not None and max(pairs.rgb_bands) >= bands:
         raise ConfigError(
             f"pairs.rgb_bands: {list(pairs.rgb_bands)} names band {max(pairs.rgb_bands)}, but "
@@ -345,9 +347,32 @@ def check_data(cfg: Config, manifest: dict, training: bool = True) -> None:
         )
 
 
+def jittered_bands(cfg: Config, bands: int) -> tuple[int, ...]:
+    """The bands g colour-jitters on images of ``bands`` bands: ``pairs.rgb_bands``, except
+    that a clustering config's default (0, 1, 2) means its first bands, up to three (a grey
+    digit has one); a segmentation config names its bands as they are."""
+    rgb = cfg.pairs.rgb_bands
+    if cfg.model.task == "clustering" and rgb == PairConfig().rgb_bands and bands < len(rgb):
+        return tuple(range(bands))
+    return rgb
+
+
+def clustering_input_size(side: int) -> int:
+    """The side a clustering network rescales images of ``side`` px to (``model.input_size``).
+
+    The reference rescales its crops (MNIST: 20 px crops of 28 to 24, STL-10: 64 of 96); the
+    trunk's cost grows with the square of the side, and on 2 CPU cores 28 px digits learned more
+    per minute at 12 px than at 16 or 28. So: images up to 16 px as they are, larger ones at
+    half their side, never below 12 px (28 px digits at 14, STL-10 at 48).
+    """
+    return side if side <= 16 else max(12, side // 2)
+
+
 def fit_to_data(cfg: Config, manifest: dict) -> Config:
     """``cfg`` with what it leaves to the dataset filled in from its manifest:
-    ``model.in_channels`` (0: the dataset's bands), the input stretch ``data.band_lo`` /
+    ``model.in_channels`` (0: the dataset's bands), ``model.input_size`` of a clustering
+    network (0: ``clustering_input_size`` of the manifest's ``image_size``), the jittered bands
+    (``jittered_bands``), the input stretch ``data.band_lo`` /
     ``band_hi`` (``data.normalise``) and the pixel type ``data.dtype``. The result travels
     with the run (checkpoints, the registered model), so a model meets new data with the
     stretch it was trained with.
@@ -364,6 +389,12 @@ def fit_to_data(cfg: Config, manifest: dict) -> Config:
                 f"{data.shards} records none; set it"
             )
         model = dataclasses.replace(model, in_channels=int(bands))
+    side = max(manifest.get("image_size") or [0])
+    if model.task == "clustering" and not model.input_size and side:
+        model = dataclasses.replace(model, input_size=clustering_input_size(side))
+    pairs = cfg.pairs
+    if bands:
+        pairs = dataclasses.replace(pairs, rgb_bands=jittered_bands(cfg, int(bands)))
     mode = data.normalise
     if mode == "auto":  # 8-bit imagery already fills [0, 255]; anything else rarely fills its type
         mode = "unit" if manifest.get("dtype", "uint8") == "uint8" else "stats"
@@ -378,7 +409,7 @@ def fit_to_data(cfg: Config, manifest: dict) -> Config:
         data = dataclasses.replace(data, band_lo=lo, band_hi=hi)
     if not data.dtype and manifest.get("dtype"):
         data = dataclasses.replace(data, dtype=str(manifest["dtype"]))
-    return dataclasses.replace(cfg, model=model, data=data)
+    return dataclasses.replace(cfg, model=model, data=data, pairs=pairs)
 
 
 def stretch(stats: dict, k: float = 3.0) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -70,7 +70,7 @@ class PairMaker:
         raw, labels, valid = random_crops(raw, labels, self.cfg.crop, self.rng, valid)
         raw = np.ascontiguousarray(raw)
         with torch.no_grad():
-            if fits_u8_path(raw) and not self.lo:
+            if fits_u8_path(raw, self.cfg) and not self.lo:
                 out = make_pairs_u8(raw, self.cfg, self.gen, valid)
             else:
                 unit = torch.from_numpy(to_unit(raw, self.lo, self.hi))

@@ -9,12 +9,16 @@ files are memory-mapped and written in chunks.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -83,12 +87,14 @@ def _write(
         bad: inputs skipped. Read after the parts, so a part's generator may add to it.
 
     Returns:
-        The manifest dict.
+        The manifest dict, with ``image_size`` [height, width] when every image shares one
+        (what a clustering model's input size is chosen from).
 
     Raises:
         PrepareError: on an unusable output folder.
         BadFilesError: if ``bad`` is not empty and ``opts.skip_bad`` is false.
     """
+    sizes: set[tuple[int, int]] = set()
     bar = tqdm(
         total=sum(n for _, n, _ in parts),
         unit="image",
@@ -103,9 +109,12 @@ def _write(
             with w.source(stem, stem):
                 for split, tile in rows:
                     w.add(tile, split)
+                    sizes.add(tile.image.shape[-2:])
                     bar.update()
         for b in bad:
             w.skip(b["file"], b["error"])
+        if len(sizes) == 1:
+            meta = meta | {"image_size": [int(v) for v in sizes.pop()]}
         return w.finish(meta, opts.skip_bad)
 
 
@@ -135,12 +144,87 @@ def _split_meta(opts: TilingOptions, by_file_name: bool, hashed: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------- digits
-def prepare_digits(out: Path, opts: TilingOptions) -> dict:
-    """scikit-learn's 1797 8x8 digits (values 0-16 scaled to 0-255), hash-split train/test.
+@dataclass(frozen=True)
+class DigitsSpec:
+    """Which digits ``prepare_digits`` writes.
+
+    At ``size`` 8, scikit-learn's images as they are. Larger, a stand-in for bigger digit images
+    (MNIST's 28 px): each image is upscaled (cubic) so the digit fills the central 20/28 of the
+    side, as MNIST's do, its strokes are thickened or thinned at random, and an elastic
+    distortion (Simard et al. 2003: a random displacement field smoothed by a Gaussian of sigma 4
+    px and scaled by alpha 34 px at 28 px, both in proportion to ``size``) bends it, so that no two
+    copies of an image match pixel for pixel.
+
+    Attributes:
+        size: side in pixels (8: the originals, untouched).
+        copies: distorted copies of each image (only above 8 px).
+        half: "all" images, or only the "even" or "odd" indices: two disjoint sets of
+            originals, so that a recipe chosen on one can be judged on the other.
+        seed: the distortions' random seed.
+    """
+
+    size: int = 8
+    copies: int = 1
+    half: Literal["all", "even", "odd"] = "all"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise ValueError(f"digits size must be >= 8 px, got {self.size!r}")
+        if self.copies < 1 or (self.size == 8 and self.copies != 1):
+            raise ValueError(
+                f"digits copies must be >= 1, and 1 at 8 px (nothing to distort), got "
+                f"{self.copies!r}"
+            )
+        if self.half not in ("all", "even", "odd"):
+            raise ValueError(f"digits half must be all, even or odd, got {self.half!r}")
+
+
+def distort_digits(images: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``DigitsSpec``'s larger stand-in of 8x8 images.
+
+    Args:
+        images: (n, 8, 8) floats in [0, 1].
+        size: output side in pixels.
+        rng: draws the stroke changes and displacement fields.
+
+    Returns:
+        (n, size, size) uint8.
+    """
+    from scipy import ndimage
+
+    inner = round(size * 20 / 28)
+    pad = (size - inner) // 2
+    sigma, alpha = 4 * size / 28, 34 * size / 28
+    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    out = np.empty((len(images), size, size), dtype=np.uint8)
+    for i, image in enumerate(images):
+        canvas = np.zeros((size, size))
+        big = np.clip(ndimage.zoom(image, inner / 8, order=3), 0, 1)
+        canvas[pad : pad + big.shape[0], pad : pad + big.shape[1]] = big
+        stroke = rng.integers(-1, 2)  # thinner, as drawn, thicker
+        if stroke > 0:
+            canvas = ndimage.grey_dilation(canvas, size=(2, 2))
+        elif stroke < 0:
+            canvas = (canvas + ndimage.grey_erosion(canvas, size=(2, 2))) / 2
+        dy, dx = (
+            ndimage.gaussian_filter(rng.uniform(-1, 1, (size, size)), sigma) * alpha
+            for _ in range(2)
+        )
+        bent = ndimage.map_coordinates(canvas, [yy + dy, xx + dx], order=1, mode="constant")
+        out[i] = np.clip(np.rint(bent * 255), 0, 255)
+    return out
+
+
+def prepare_digits(out: Path, opts: TilingOptions, spec: DigitsSpec = DigitsSpec()) -> dict:
+    """scikit-learn's 1797 8x8 digits (values 0-16 scaled to 0-255), hash-split train/test, or
+    the larger stand-in ``spec`` describes.
 
     Args:
         out: output folder.
-        opts: ``test_fraction`` and ``seed`` make the split; the output options apply.
+        opts: ``test_fraction`` and ``seed`` make the split (by original image: every copy of
+            one lands in the same split); the output options apply.
+        spec: size, copies and half.
 
     Returns:
         The manifest dict.
@@ -148,10 +232,26 @@ def prepare_digits(out: Path, opts: TilingOptions) -> dict:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = np.clip(d.images * 16, 0, 255).astype(np.uint8)[:, None]
-    splits = _split_names(len(images), "digits", opts)
-    parts = [("digits", len(images), _rows(images, d.target, "digits", splits))]
+    keep = np.arange(len(d.images))
+    if spec.half != "all":
+        keep = keep[keep % 2 == (spec.half == "odd")]
+    splits = _split_names(len(d.images), "digits", opts)[keep]
+    labels = d.target[keep]
+    if spec.size == 8:
+        images = np.clip(d.images[keep] * 16, 0, 255).astype(np.uint8)[:, None]
+        parts = [("digits", len(images), _rows(images, labels, "digits", splits))]
+    else:
+        rng = np.random.default_rng(spec.seed)
+        originals = d.images[keep] / 16.0
+        copies = [distort_digits(originals, spec.size, rng)[:, None] for _ in range(spec.copies)]
+        n = len(keep)
+        rows = (
+            _rows(images, labels, "digits", splits, start=c * n) for c, images in enumerate(copies)
+        )
+        parts = [("digits", n * spec.copies, itertools.chain.from_iterable(rows))]
     meta = {"dataset": "digits"} | DIGIT_CLASSES | {"split": _split_meta(opts, False, True)}
+    if spec != DigitsSpec():
+        meta["digits"] = dataclasses.asdict(spec)
     return _write(out, parts, meta, 10, opts)
 
 

@@ -34,7 +34,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pipeline import checkpoint, storage, tracking
 from pipeline.config import Config, ConfigError, PairConfig, Record
-from pipeline.data.format import check_data, training_inputs
+from pipeline.data.format import check_data, fit_to_data, training_inputs
 from pipeline.plots import plot_trials
 from pipeline.train import check_cluster, launch, make_job, start_ray
 from pipeline.tune.space import SearchSpace, parse_space
@@ -136,10 +136,10 @@ class SearchRecord(Record):
     folder: str
     parent_run_id: str
 
-    @property
-    def eval_pairs(self) -> PairConfig:
-        """The base config's pairs: every trial's held-out MI is measured on them."""
-        return Config.from_dict(self.resolved).pairs
+    def eval_pairs(self, manifest: dict) -> PairConfig:
+        """The base config's pairs, fitted to the dataset of ``manifest``: every trial's
+        held-out MI is measured on them."""
+        return fit_to_data(Config.from_dict(self.resolved), manifest).pairs
 
 
 def _resolved(base: dict, uri: str) -> dict:
@@ -337,7 +337,8 @@ def run_trial(config: dict, search: SearchRecord) -> None:
     inputs = training_inputs(cfg)
     cfg = inputs.config  # fitted to the shards: band count, input stretch
     run_id = tracking.run_for(search.tracking_uri, cfg, run_dir, tags)
-    job = make_job(cfg, inputs, search.tracking_uri, run_id, search.eval_pairs)
+    pairs = search.eval_pairs(inputs.manifest)
+    job = make_job(cfg, inputs, search.tracking_uri, run_id, pairs)
     # Tune ends this actor as soon as the last epoch is reported (or ASHA stops the trial), so
     # nothing after launch() is sure to run: the driver closes the child runs in summarise().
     launch(job, inputs, callbacks=[TuneReportCallback()])
