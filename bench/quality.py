@@ -287,14 +287,16 @@ def _masses_line(name: str, ev: Evaluation, classes: list[str]) -> str:
 
 
 def _curve(run_dir: Path, key: str) -> str:
-    """``key`` (acc or mi) of the chosen sub-head after each epoch against training minutes
-    (evaluation included), from the run's last checkpoint."""
+    """``key`` (acc or mi) of the chosen sub-head on the evaluation split against training
+    minutes (evaluation included), from the run's last checkpoint: the first epoch past each
+    whole minute, and the last."""
     history = checkpoint.load(run_dir)["history"]
-    points, minutes = [], 0.0
-    for m in history:
+    points, minutes, mark = [], 0.0, 1.0
+    for i, m in enumerate(history):
         minutes += sum(v for k, v in m.items() if k.startswith("seconds_")) / 60
-        if key in m:
+        if key in m and (minutes >= mark or i == len(history) - 1):
             points.append(f"{minutes:.1f}:{m[key]:.3f}")
+            mark = float(int(minutes) + 1)
     return " ".join(points)
 
 

@@ -434,7 +434,7 @@ def stroke_jitter(x: torch.Tensor, cfg: PairConfig, gen: torch.Generator) -> tor
     """Each image of x (n, B, H, W) blended toward its 3x3 grey dilation or erosion by a
     factor drawn from [-stroke, stroke] (``PairConfig.stroke``); x itself when off (nothing
     drawn then)."""
-    v = cfg.stroke * cfg.strength
+    v = min(1.0, cfg.stroke * cfg.strength)  # beyond a full dilation, the blend would overshoot
     if not v:
         return x
     t = _uniform(len(x), -v, v, gen, x.device).view(-1, 1, 1, 1)

@@ -48,7 +48,7 @@ class PairConfig:
         stroke: whole-image clustering only: each view's strokes thickened or thinned, as pens
             and scanners differ: t drawn from [-v, v] blends the image toward its 3x3 grey
             dilation (t > 0) or erosion (t < 0) by |t|, on every band, before the colour
-            jitter. 0: off.
+            jitter (v times ``strength``, at most 1: a full dilation or erosion). 0: off.
         noise: standard deviation of Gaussian noise added to every band of the second view
             (values in [0, 1]; not clamped), which stops a clustering net from matching the
             two views on exact pixel values.
@@ -100,10 +100,8 @@ class PairConfig:
             raise ValueError(
                 f"pairs.shift and pairs.noise must be >= 0, got {self.shift!r}, {self.noise!r}"
             )
-        if not 0 <= self.stroke * self.strength <= 1:
-            raise ValueError(
-                f"pairs.stroke * strength must be in [0, 1], got {self.stroke * self.strength}"
-            )
+        if not 0 <= self.stroke <= 1:
+            raise ValueError(f"pairs.stroke must be in [0, 1], got {self.stroke!r}")
         if self.crop < 0:
             raise ValueError(f"pairs.crop must be >= 0, got {self.crop!r}")
         for i, band in enumerate(self.rgb_bands):

@@ -670,9 +670,12 @@ def dry_run(cfg: Config, extend: bool = False) -> list[str]:
     state = run_state(cfg, run_dir, report)
     address = os.environ.get("RAY_ADDRESS", "")
     sc = cfg.scaling
+    side = cfg.model.input_size
+    rescaled = f" rescaled to {side} px" if side else ""  # clustering: the network's own input
     return [
         f"config: run {cfg.run.name!r}, {cfg.model.task}, {cfg.model.in_channels} bands "
-        f"({cfg.data.dtype or 'unknown'} pixels), {cfg.optim.epochs} epochs, lr {cfg.optim.lr:g}",
+        f"({cfg.data.dtype or 'unknown'} pixels){rescaled}, {cfg.optim.epochs} epochs, "
+        f"lr {cfg.optim.lr:g}",
         f"data: {cfg.data.shards}: {train} training tiles ({', '.join(cfg.data.train_splits)}), "
         f"{tiles.get(cfg.data.eval_split, {}).get('tiles', 0)} held out "
         f"({cfg.data.eval_split}), {len(inputs.classes)} classes",

@@ -384,3 +384,34 @@ def test_whole_image_kinds_list_only_options_they_honour(tmp_path, capsys, kind)
     assert sum(high["splits"][s]["tiles"] for s in ("train", "test")) == total
     prepare("seeded", "--test-fraction", "0.5", "--seed", "3")
     assert split_of(tmp_path / "seeded") != split_of(tmp_path / "high")
+
+
+@pytest.mark.slow
+def test_clustering_defaults_train_on_28px_digits_at_their_own_size(tmp_path, ray_cluster):
+    from pipeline.config import Config
+    from pipeline.evaluate import evaluate_uri
+    from pipeline.train import fit
+
+    prepare_digits(tmp_path / "d", OPTS, DigitsSpec(28, copies=1, half="even"))
+    cfg = Config.from_dict(
+        {
+            "data": {"shards": str(tmp_path / "d")},
+            "model": {"task": "clustering", "n_clusters_b": 10, "n_subheads": 2},
+            "optim": {"epochs": 2},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+            "run": {
+                "name": "d28",
+                "storage_path": str(tmp_path / "runs"),
+                "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            },
+        }
+    )
+    assert cfg.model.input_size == 0 and cfg.pairs.rgb_bands == (0, 1, 2)  # left to the data
+    fit(cfg)
+    ev, classes, trained = evaluate_uri(str(tmp_path / "runs" / "d28"), tmp_path / "d")
+    # Fitted to the 28 px grey digits when training started, and kept with the model.
+    assert trained.model.input_size == 14 and trained.model.in_channels == 1
+    assert trained.pairs.rgb_bands == (0,) and trained.pairs.stroke == 1.0
+    assert classes == [str(c) for c in range(10)] and ev.counts.sum(axis=(1, 2)).min() > 0
+    report = json.loads((tmp_path / "runs" / "d28" / "report.json").read_text())
+    assert "acc" in report["metrics"] and report["epoch"] == 1

@@ -84,7 +84,7 @@ def write(tmp_path, text):
             ["pairs.stroke=0.5"],
             r"pairs.stroke: 0.5 needs model.task: clustering, got 'segmentation'",
         ),
-        ("data: {shards: x}", ["pairs.stroke=2"], r"pairs.stroke \* strength must be in \[0, 1\]"),
+        ("data: {shards: x}", ["pairs.stroke=2"], r"pairs.stroke must be in \[0, 1\], got 2.0"),
         ("data: {shards: x}", ["optim.=3"], r"--set 'optim.=3': expected section.key=value"),
     ],
 )

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {
     "potsdam": ["potsdam3", "potsdam6"],
     "cocostuff": ["cocostuff3", "cocostuff15"],
-    "clustering": ["demo"],
+    "clustering": ["demo", "clustering"],
     "demo": ["demo"],
 }
 
