@@ -15,7 +15,7 @@ randomly initialised network of the same architecture + k-means on its features.
 case also prints the chosen sub-head's cluster masses beside the class frequencies, and each
 IID run its ACC (or MI) against training minutes.
 
-    python bench/quality.py                          # everything (about 80 min on 2 cores)
+    python bench/quality.py                          # everything (about 50 min on 2 cores)
     python bench/quality.py --only digits28 --only landsat   # the held-out cases
     python bench/quality.py --only "potsdam-mini P3" --seeds 3   # median of 3 IID runs
 """

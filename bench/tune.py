@@ -42,7 +42,7 @@ from pipeline.config import apply_overrides  # noqa: E402
 from pipeline.prepare.clustering import DigitsSpec, prepare_digits  # noqa: E402
 from pipeline.prepare.run import TilingOptions  # noqa: E402
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic  # noqa: E402
-from pipeline.tune.search import SearchOptions, SearchOutcome, format_table, run_search  # noqa: E402
+from pipeline.tune.search import SearchOptions, format_table, run_search  # noqa: E402
 
 Metrics = dict[str, float]
 
@@ -87,20 +87,19 @@ def prepare(case: str, work: Path, scene: int) -> tuple[dict, dict, str]:
     return base, yaml.safe_load((ROOT / space).read_text()), space
 
 
-def histories(outcome: SearchOutcome) -> dict[str, list[Metrics]]:
-    """Every trial's metrics per epoch, from its MLflow run (epoch = step)."""
+def histories(tracking_uri: str, run_ids: dict[str, str]) -> dict[str, list[Metrics]]:
+    """Every trial's metrics per epoch (``{trial: run id}``), from its MLflow run: epoch =
+    step, names without their ``eval/``/``train/`` prefix."""
     import mlflow
 
-    client = mlflow.MlflowClient(outcome.tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
     out = {}
-    for row in outcome.rows:
-        if not row.run_id:
-            continue
+    for trial, run_id in run_ids.items():
         by_epoch: dict[int, Metrics] = {}
-        for key in client.get_run(row.run_id).data.metrics:
-            for point in client.get_metric_history(row.run_id, key):
-                by_epoch.setdefault(point.step, {})[key] = point.value
-        out[row.trial_id] = [by_epoch[e] for e in sorted(by_epoch)]
+        for key in client.get_run(run_id).data.metrics:
+            for point in client.get_metric_history(run_id, key):
+                by_epoch.setdefault(point.step, {})[key.rsplit("/", 1)[-1]] = point.value
+        out[trial] = [by_epoch[e] for e in sorted(by_epoch)]
     return out
 
 
@@ -165,7 +164,8 @@ def main() -> None:
         print(f"  best ACC of any trial {top.metrics.get('acc', float('nan')):.3f} ({top.params})")
     print(f"  best config: {outcome.best_config}")
     print(f"Spearman of mi and ACC across trials, each at its last epoch: {outcome.spearman:.3f}")
-    rungs = per_rung(histories(outcome))
+    runs = {r.trial_id: r.run_id for r in outcome.rows if r.run_id}
+    rungs = per_rung(histories(outcome.tracking_uri, runs))
     print("\nSpearman's rho with ACC at equal epochs (trials that reached the epoch):")
     print(f"{'epoch':>5}{'trials':>7}" + "".join(f"{c:>18}" for c in CRITERIA))
     for epoch, n, rhos in rungs:
