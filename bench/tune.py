@@ -9,7 +9,9 @@ every epoch scores:
 - ``mi``: I(z, z') of the chosen sub-head (the lambda = 1 objective; what ``iid tune`` ranks by);
 - ``mean sub-head mi``: I(z, z') averaged over the sub-heads (less luck of one initialisation);
 - ``-lambda_B loss``: the objective the trial trained with (lambda_B > 1 adds the entropies);
-- ``balance``: the entropy of the chosen sub-head's cluster masses over ln K (1: equal masses).
+- ``balance``: the entropy of the chosen sub-head's cluster masses over ln K (1: equal masses);
+- ``agreement``: the chosen sub-head's mean NMI with the other sub-heads (a clustering that
+  every initialisation finds).
 
 Cases: ``synthetic`` (the generated scene, configs/demo.yaml, tune_spaces/demo.yaml) and
 ``digits28`` (the even half of the 28 px digits stand-in with the clustering defaults,
@@ -65,6 +67,7 @@ CRITERIA: dict[str, Callable[[Metrics], float]] = {
     "mean sub-head mi": _mean_subhead_mi,
     "-lambda_B loss": lambda m: -m.get("heldout_loss", math.nan),
     "balance": _balance,
+    "agreement": lambda m: m.get("agreement", math.nan),
 }
 
 

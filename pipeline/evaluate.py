@@ -29,7 +29,13 @@ from pipeline.config import Config, PairConfig
 from pipeline.data.format import check_data, label_lut, read_manifest
 from pipeline.data.read import iter_tiles
 from pipeline.losses import mutual_information, symmetrise_normalise
-from pipeline.metrics import ClusterScores, cluster_scores, confusion_counts, matched_names
+from pipeline.metrics import (
+    ClusterScores,
+    cluster_scores,
+    confusion_counts,
+    matched_names,
+    nmi_from_counts,
+)
 from pipeline.objective import View, aligned_views, view_loss
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,8 @@ class Tally:
         batches: () the number of batches.
         predicted: (sub-heads, K) pixels (images, for clustering) per cluster of head B over
             every valid pixel, labelled or not: the cluster masses.
+        between: (sub-heads, sub-heads, K, K) pixels (images) that sub-head i puts in cluster a
+            and sub-head j in cluster b, over every valid pixel (i < j filled; the rest 0).
         examples: the first (image, per-sub-head prediction, target, valid) tuples, if asked.
     """
 
@@ -57,11 +65,13 @@ class Tally:
     loss_sum: torch.Tensor
     batches: torch.Tensor
     predicted: torch.Tensor
+    between: torch.Tensor
     examples: list[Example] = field(default_factory=list)
 
     def summed(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> Tally:
         """Every sum passed through ``reduce`` (``dist.all_reduce``: over the workers)."""
         sums = (self.counts, self.joints, self.loss_sum, self.batches, self.predicted)
+        sums += (self.between,)
         return Tally(*(reduce(t) for t in sums), examples=self.examples)
 
 
@@ -79,6 +89,9 @@ class Evaluation:
         scores: ACC/NMI/ARI per sub-head (None for a sub-head that saw no labelled pixel).
         best: the chosen sub-head (``choose_subhead``: highest ``mi``).
         masses: (sub-heads, K) share of the valid held-out pixels in each cluster of head B.
+        agreement: (sub-heads,) mean NMI of each sub-head's clustering with every other
+            sub-head's on the held-out pixels (1: they partition alike; NaN with one sub-head):
+            a label-free sign that a clustering is found from any initialisation.
         examples: up to ``n_examples`` (image (B, H, W), prediction (H, W), label (H, W),
             valid (H, W) or None).
     """
@@ -90,6 +103,7 @@ class Evaluation:
     scores: list[ClusterScores | None]
     best: int
     masses: np.ndarray
+    agreement: np.ndarray
     examples: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = field(
         default_factory=list
     )
@@ -110,6 +124,7 @@ class Evaluation:
             scores=[cluster_scores(c) if c.sum() else None for c in counts],
             best=best,
             masses=predicted / np.maximum(predicted.sum(axis=1, keepdims=True), 1),
+            agreement=_agreement(tally.between.cpu().numpy()),
             examples=[(img, preds[best], lab, ok) for img, preds, lab, ok in tally.examples],
         )
 
@@ -124,6 +139,25 @@ class Evaluation:
         if s is not None:
             out |= {"eval_acc": s.acc, "eval_nmi": s.nmi, "eval_ari": s.ari, "eval_miou": s.miou}
         return out
+
+
+def _agreement(between: np.ndarray) -> np.ndarray:
+    """(S,) mean NMI of each sub-head with the others, from ``Tally.between``."""
+    s = len(between)
+    nmi = np.full((s, s), np.nan)
+    for i in range(s):
+        for j in range(i + 1, s):
+            if between[i, j].sum():
+                nmi[i, j] = nmi[j, i] = nmi_from_counts(between[i, j])
+    if s < 2:
+        return nmi[:, 0]
+    off = ~np.eye(s, dtype=bool)
+    return np.array(
+        [
+            np.nanmean(row[mask]) if np.isfinite(row[mask]).any() else np.nan
+            for row, mask in zip(nmi, off, strict=True)
+        ]
+    )
 
 
 def choose_subhead(mi: torch.Tensor | np.ndarray) -> int:
@@ -211,6 +245,7 @@ def score(
     loss_sum = torch.zeros(s, device=device)
     n_batches = torch.zeros((), dtype=torch.int64, device=device)
     predicted = torch.zeros(s, k, dtype=torch.int64, device=device)
+    between = torch.zeros(s, s, k, k, dtype=torch.int64, device=device)
     examples: list[Example] = []
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
     was_training = model.training
@@ -221,6 +256,7 @@ def score(
         probs = model(x, "B")
         counts += torch.stack([confusion_counts(p.argmax(1), target, k, n_classes) for p in probs])
         predicted += torch.stack([_cluster_sizes(p.argmax(1), valid, k) for p in probs])
+        between += _co_clustered([p.argmax(1) for p in probs], valid, k)
         views = paired_views(model, x, probs, pairs, cfg.model.task, gen, valid)
         loss_sum += torch.stack([view_loss(v, cfg.loss.lamb_b, cfg.loss) for v in views])
         joints += torch.stack([zero_shift_joint(*v) for v in views]).double()
@@ -230,7 +266,21 @@ def score(
             ok = None if valid is None or valid.ndim != 3 else valid[i].cpu().numpy()
             examples.append((x[i].cpu().numpy(), preds, target[i].cpu().numpy(), ok))
     model.train(was_training)
-    return Tally(counts, joints, loss_sum, n_batches, predicted, examples)
+    return Tally(counts, joints, loss_sum, n_batches, predicted, between, examples)
+
+
+def _co_clustered(preds: list[torch.Tensor], valid: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(S, S, K, K) ``Tally.between`` of one batch: for i < j, how often sub-head i says a and
+    sub-head j says b, over the valid pixels (images)."""
+    s = len(preds)
+    out = torch.zeros(s, s, k, k, dtype=torch.int64, device=preds[0].device)
+    if valid is not None and preds[0].ndim == valid.ndim:
+        preds = [p[valid] for p in preds]
+    flat = [p.flatten() for p in preds]
+    for i in range(s):
+        for j in range(i + 1, s):
+            out[i, j] = torch.bincount(flat[i] * k + flat[j], minlength=k * k)[: k * k].view(k, k)
+    return out
 
 
 def _cluster_sizes(pred: torch.Tensor, valid: torch.Tensor | None, k: int) -> torch.Tensor:

@@ -232,6 +232,9 @@ def epoch_metrics(epoch: int, losses: dict[str, torch.Tensor], ev: Evaluation) -
     out |= {f"mi_sub{i}": float(v) for i, v in enumerate(ev.mi)}
     out |= {f"heldout_loss_sub{i}": float(v) for i, v in enumerate(ev.losses)}
     out |= {f"mass_{k}": float(m) for k, m in enumerate(ev.masses[best])}
+    if len(ev.agreement) > 1:  # mean NMI with the other sub-heads (label-free)
+        out |= {"agreement": float(ev.agreement[best])}
+        out |= {f"agreement_sub{i}": float(v) for i, v in enumerate(ev.agreement)}
     for i, s in enumerate(ev.scores):
         if s is None:  # no labelled pixel: ACC, NMI and ARI have nothing to compare with
             continue

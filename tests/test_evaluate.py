@@ -107,3 +107,42 @@ def test_the_overlay_examples_keep_each_images_no_data_mask():
     # Without a mask every pixel has data: the overlays then have nothing to grey out.
     plain = score(TwoKindsOfSubhead(0.5), [{"x": x, "label": labels}], cfg, lut, 1, cfg.pairs, 1)
     assert plain.examples[0][3] is None
+
+
+class AlikeAlikeBlind(torch.nn.Module):
+    """Head B with 2 clusters in 3 sub-heads: "brighter than 0.5", the same with its clusters
+    swapped, and fresh noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.noise = torch.Generator().manual_seed(1)
+
+    def forward(self, x: torch.Tensor, head: str) -> list[torch.Tensor]:
+        bright = 50 * (x.mean(1, keepdim=True) - 0.5)
+        follows = torch.cat([torch.zeros_like(bright), bright], 1).softmax(1)
+        blind = (20 * torch.randn(follows.shape, generator=self.noise)).softmax(1)
+        return [follows, follows.flip(1), blind]
+
+
+def test_sub_head_agreement_is_the_mean_nmi_with_the_others_over_valid_pixels():
+    cfg = Config.from_dict(
+        {
+            "data": {"shards": "unused"},
+            "model": {"in_channels": 3, "n_clusters_b": 2, "n_subheads": 3},
+            "loss": {"half_window": 1},
+            "pairs": {"crop": 0},
+        }
+    )
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.zeros(4, 16, 16, dtype=torch.uint8)
+    valid = torch.ones(4, 16, 16, dtype=torch.bool)
+    valid[:, :8] = False  # half of every image has no data: never counted
+    lut = torch.zeros(256, dtype=torch.int64)
+    batch = {"x": x, "label": labels, "valid": valid}
+    ev = Evaluation.of(score(AlikeAlikeBlind(), [batch], cfg, lut, 1, cfg.pairs))
+    # The first two partition alike (relabelled): NMI 1 with each other, ~0 with the noise.
+    assert ev.agreement[0] == pytest.approx(ev.agreement[1]) and 0.45 < ev.agreement[0] < 0.55
+    assert ev.agreement[2] < 0.05
+    tally = score(AlikeAlikeBlind(), [batch], cfg, lut, 1, cfg.pairs)
+    assert int(tally.between[0, 1].sum()) == int(valid.sum())  # valid pixels only, once each
+    assert int(tally.between[1, 0].sum()) == 0

@@ -27,6 +27,7 @@ def evaluation(counts: np.ndarray, examples: list | None = None) -> Evaluation:
         scores=[cluster_scores(counts) if counts.sum() else None],
         best=0,
         masses=np.full((1, k), 1 / k),
+        agreement=np.full(1, np.nan),
         examples=examples or [],
     )
 
