@@ -13,13 +13,15 @@ every epoch scores:
 - ``agreement``: the chosen sub-head's mean NMI with the other sub-heads (a clustering that
   every initialisation finds).
 
-Cases: ``synthetic`` (the generated scene, configs/demo.yaml, tune_spaces/demo.yaml) and
+Cases: ``synthetic`` (the generated scene, configs/demo.yaml, tune_spaces/demo.yaml),
 ``digits28`` (the even half of the 28 px digits stand-in with the clustering defaults,
-configs/clustering.yaml, tune_spaces/clustering.yaml). Both are tuned cases: their labels chose
-recipes before (see bench/quality.py), but not the criterion.
+configs/clustering.yaml, tune_spaces/clustering.yaml) and ``potsdam3`` (bench/quality.py's
+potsdam-mini P3 config, lambda_B, T in {5, 10} and strength searched). All are tuned cases:
+their labels chose recipes before (see bench/quality.py), but not the criterion.
 
     python bench/tune.py                          # synthetic: 12 trials, up to 3 epochs each
-    python bench/tune.py --case digits28 --trials 8 --epochs 8
+    python bench/tune.py --case digits28 --trials 8 --epochs 30
+    python bench/tune.py --case potsdam3 --trials 10 --epochs 4
 """
 
 from __future__ import annotations
@@ -79,6 +81,20 @@ def prepare(case: str, work: Path, scene: int) -> tuple[dict, dict, str]:
             opts = TilingOptions(tile=200, stride=200, progress=False)
             prepare_synthetic(work / "synthetic", opts, SceneSpec(size=scene), baselines=True)
         config, space = "configs/demo.yaml", "tune_spaces/demo.yaml"
+    elif case == "potsdam3":
+        # bench/quality.py's P3 case (its labels chose that recipe), around its tuned values.
+        sys.path.insert(0, str(ROOT / "bench"))
+        from quality import potsdam3
+
+        base, _, _ = potsdam3(work, 0.5)  # 4 epochs
+        space = {
+            "params": {
+                "loss.lamb_b": {"uniform": [1.0, 2.5]},
+                "loss.half_window": {"choice": [5, 10]},
+                "pairs.strength": {"uniform": [0.5, 1.5]},
+            }
+        }
+        return base, space, "bench/tune.py's potsdam3 space"
     else:
         shards = work / "digits28-even"
         if not (shards / "manifest.json").is_file():
@@ -128,7 +144,9 @@ def per_rung(runs: dict[str, list[Metrics]]) -> list[tuple[int, int, dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=["synthetic", "digits28"], default="synthetic")
+    parser.add_argument(
+        "--case", choices=["synthetic", "digits28", "potsdam3"], default="synthetic"
+    )
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--concurrent", type=int, default=1)
@@ -173,9 +191,12 @@ def main() -> None:
     print(f"{'epoch':>5}{'trials':>7}" + "".join(f"{c:>18}" for c in CRITERIA))
     for epoch, n, rhos in rungs:
         print(f"{epoch:>5}{n:>7}" + "".join(f"{rhos[c]:>18.3f}" for c in CRITERIA))
-    if rungs:
-        means = {c: np.nanmean([r[c] for _, _, r in rungs]) for c in CRITERIA}
-        print(f"{'mean':>12}" + "".join(f"{means[c]:>18.3f}" for c in CRITERIA))
+    # With 3 trials a rho is one of 4 values: the mean leaves such rungs out.
+    counted = [r for _, n, r in rungs if n >= 4]
+    if counted:
+        means = {c: np.nanmean([r[c] for r in counted]) for c in CRITERIA}
+        label = f"mean of {len(counted)}"
+        print(f"{label:>12}" + "".join(f"{means[c]:>18.3f}" for c in CRITERIA) + "  (>= 4 trials)")
     print(f"command: python bench/tune.py {shlex.join(sys.argv[1:])}")
 
 
