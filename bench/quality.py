@@ -42,7 +42,7 @@ from pipeline.data.format import fit_to_data, label_lut, read_manifest
 from pipeline.data.read import iter_tiles
 from pipeline.demo import DIGITS_PAIRS
 from pipeline.evaluate import Evaluation, evaluate_uri
-from pipeline.metrics import cluster_scores, hungarian_mapping
+from pipeline.metrics import cluster_scores
 from pipeline.models import build_model
 from pipeline.prepare.clustering import DigitsSpec, prepare_digits
 from pipeline.prepare.folder import prepare_folder
@@ -274,7 +274,7 @@ def _masses_line(name: str, ev: Evaluation, classes: list[str]) -> str:
     class beside the mass of the cluster matched to it), then unmatched clusters."""
     counts = ev.counts[ev.best]
     total = max(1, int(counts.sum()))
-    mapping = hungarian_mapping(counts)
+    mapping = np.asarray(ev.scores[ev.best].mapping)  # the match ACC was scored with
     masses, freq = counts.sum(1) / total, counts.sum(0) / total
     pairs = [
         f"{classes[c]} {freq[c]:.2f}/{masses[k]:.2f}"

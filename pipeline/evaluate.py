@@ -271,15 +271,14 @@ def score(
 
 def _co_clustered(preds: list[torch.Tensor], valid: torch.Tensor | None, k: int) -> torch.Tensor:
     """(S, S, K, K) ``Tally.between`` of one batch: for i < j, how often sub-head i says a and
-    sub-head j says b, over the valid pixels (images)."""
+    sub-head j says b, over the valid pixels (images): sub-head j's clusters counted as the
+    classes of ``confusion_counts``."""
     s = len(preds)
     out = torch.zeros(s, s, k, k, dtype=torch.int64, device=preds[0].device)
-    if valid is not None and preds[0].ndim == valid.ndim:
-        preds = [p[valid] for p in preds]
-    flat = [p.flatten() for p in preds]
+    mask = valid if valid is not None and valid.shape == preds[0].shape else None
     for i in range(s):
         for j in range(i + 1, s):
-            out[i, j] = torch.bincount(flat[i] * k + flat[j], minlength=k * k)[: k * k].view(k, k)
+            out[i, j] = confusion_counts(preds[i], preds[j], k, k, mask, ignore_index=-1)
     return out
 
 
