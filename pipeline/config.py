@@ -311,8 +311,9 @@ def with_task_defaults(d: object) -> object:
         if isinstance(given, dict):
             out[section] = defaults | given
     model = out["model"]
-    if "n_clusters_a" not in model and isinstance(model.get("n_clusters_b", 3), int):
-        out["model"] = model | {"n_clusters_a": OVERCLUSTERING * model.get("n_clusters_b", 3)}
+    k = model.get("n_clusters_b", ModelConfig.n_clusters_b)
+    if "n_clusters_a" not in model and isinstance(k, int):
+        out["model"] = model | {"n_clusters_a": OVERCLUSTERING * k}
     return out
 
 
