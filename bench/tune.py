@@ -14,14 +14,18 @@ every epoch scores:
   every initialisation finds).
 
 Cases: ``synthetic`` (the generated scene, configs/demo.yaml, tune_spaces/demo.yaml),
+``rural`` (bench/quality.py's held-out rural scene, classes 70/20/10%, the same config and
+space: does held-out MI choose a weaker balance term where the classes are skewed?),
 ``digits28`` (the even half of the 28 px digits stand-in with the clustering defaults,
 configs/clustering.yaml, tune_spaces/clustering.yaml) and ``potsdam3`` (bench/quality.py's
-potsdam-mini P3 config, lambda_B, T in {5, 10} and strength searched). All are tuned cases:
-their labels chose recipes before (see bench/quality.py), but not the criterion.
+potsdam-mini P3 config, tune_spaces/potsdam.yaml's params). All but ``rural`` are tuned cases:
+their labels chose recipes before (see bench/quality.py), but not the criterion. The space
+files' own sizing (search and config sections) is not used: the flags here set it.
 
     python bench/tune.py                          # synthetic: 12 trials, up to 3 epochs each
     python bench/tune.py --case digits28 --trials 8 --epochs 30
     python bench/tune.py --case potsdam3 --trials 10 --epochs 4
+    python bench/tune.py --case rural
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +52,7 @@ from pipeline.prepare.clustering import DigitsSpec, prepare_digits  # noqa: E402
 from pipeline.prepare.run import TilingOptions  # noqa: E402
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic  # noqa: E402
 from pipeline.tune.search import SearchOptions, format_table, run_search  # noqa: E402
+from pipeline.tune.space import read_space_file  # noqa: E402
 
 Metrics = dict[str, float]
 
@@ -75,11 +81,15 @@ CRITERIA: dict[str, Callable[[Metrics], float]] = {
 
 def prepare(case: str, work: Path, scene: int) -> tuple[dict, dict, str]:
     """(base config, space, space file) of a case, its shards prepared under ``work``."""
-    if case == "synthetic":
-        shards = work / "synthetic" / "shards"
+    if case in ("synthetic", "rural"):
+        sys.path.insert(0, str(ROOT / "bench"))
+        from quality import RURAL
+
+        spec = replace(RURAL, size=scene) if case == "rural" else SceneSpec(size=scene)
+        shards = work / case / "shards"
         if not (shards / "manifest.json").is_file():
             opts = TilingOptions(tile=200, stride=200, progress=False)
-            prepare_synthetic(work / "synthetic", opts, SceneSpec(size=scene), baselines=True)
+            prepare_synthetic(work / case, opts, spec, baselines=True)
         config, space = "configs/demo.yaml", "tune_spaces/demo.yaml"
     elif case == "potsdam3":
         # bench/quality.py's P3 case (its labels chose that recipe), around its tuned values.
@@ -87,14 +97,8 @@ def prepare(case: str, work: Path, scene: int) -> tuple[dict, dict, str]:
         from quality import potsdam3
 
         base, _, _ = potsdam3(work, 0.5)  # 4 epochs
-        space = {
-            "params": {
-                "loss.lamb_b": {"uniform": [1.0, 2.5]},
-                "loss.half_window": {"choice": [5, 10]},
-                "pairs.strength": {"uniform": [0.5, 1.5]},
-            }
-        }
-        return base, space, "bench/tune.py's potsdam3 space"
+        space = "tune_spaces/potsdam.yaml"
+        return base, read_space_file(ROOT / space).raw, space
     else:
         shards = work / "digits28-even"
         if not (shards / "manifest.json").is_file():
@@ -103,7 +107,7 @@ def prepare(case: str, work: Path, scene: int) -> tuple[dict, dict, str]:
         config, space = "configs/clustering.yaml", "tune_spaces/clustering.yaml"
     base = yaml.safe_load((ROOT / config).read_text())
     base = apply_overrides(base, [f"data.shards={shards}"])
-    return base, yaml.safe_load((ROOT / space).read_text()), space
+    return base, read_space_file(ROOT / space).raw, space
 
 
 def histories(tracking_uri: str, run_ids: dict[str, str]) -> dict[str, list[Metrics]]:
@@ -145,7 +149,7 @@ def per_rung(runs: dict[str, list[Metrics]]) -> list[tuple[int, int, dict[str, f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--case", choices=["synthetic", "digits28", "potsdam3"], default="synthetic"
+        "--case", choices=["synthetic", "rural", "digits28", "potsdam3"], default="synthetic"
     )
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=3)

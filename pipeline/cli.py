@@ -91,6 +91,7 @@ def _train(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError, apply_overrides
     from pipeline.tune.search import SearchOptions, format_table, resume_search, run_search
+    from pipeline.tune.space import read_space_file
 
     # Trial progress lines are the point of a long search: shown without -v too.
     logging.getLogger("pipeline.tune.search").setLevel(logging.INFO)
@@ -110,22 +111,28 @@ def _tune(args: argparse.Namespace) -> int:
                 overrides.append(f"{key}={value}")
         if args.gpu:
             overrides.append("scaling.use_gpu=true")
-        base = _read_yaml(args.config)
+        space = read_space_file(args.space)
+        # The space's sizing (epochs, workers per trial, GPU), then what the user set.
+        base = space.sized(_read_yaml(args.config))
         try:
             base = apply_overrides(base, overrides)
         except ConfigError as err:
             raise ConfigError(f"{args.config}: {err}") from err
-        opts = SearchOptions(
-            name=args.name or f"tune-{Path(args.space).stem}",
-            num_samples=args.num_samples,
-            max_concurrent=args.max_concurrent,
-            metric=args.metric,
-            algorithm=args.search,
-            grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor,
+        flags = {
+            "num_samples": args.num_samples,
+            "max_concurrent": args.max_concurrent,
+            "metric": args.metric,
+            "algorithm": args.search,
+            "grace_period": args.grace_period,
+            "reduction_factor": args.reduction_factor,
+        }
+        opts = SearchOptions.resolve(
+            args.name or f"tune-{Path(args.space).stem}",
+            space.search,
+            {k: v for k, v in flags.items() if v is not None},
+            args.space,
         )
-        space = _read_yaml(args.space)
-        outcome = run_search(base, space, opts, args.space)
+        outcome = run_search(base, space.raw, opts, args.space)
     from pipeline import tracking
 
     print(format_table(outcome))
@@ -317,7 +324,13 @@ def _prepare_synthetic(args: argparse.Namespace) -> int:
     from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
 
     out = Path(args.out)
-    spec = SceneSpec(size=args.size, seed=args.scene_seed)
+    spec = SceneSpec(
+        size=args.size,
+        seed=args.scene_seed,
+        roads=args.roads,
+        buildings=args.buildings,
+        trees=args.trees,
+    )
     manifest = prepare_synthetic(
         out, _tiling(args), spec, baselines=not args.no_baselines, say=_say
     )
@@ -524,29 +537,25 @@ def _add_tune(sub, run: argparse.ArgumentParser) -> None:
     tune.add_argument(
         "--name", help="search name: its folder and MLflow run (default: tune-<space name>)"
     )
-    tune.add_argument("--num-samples", type=int, default=8, help="trials (default %(default)s)")
+    # Each of these defaults to the space file's search section, then to SearchOptions'.
+    tune.add_argument("--num-samples", type=int, help="trials (default: the space's, else 8)")
     tune.add_argument(
-        "--max-concurrent", type=int, default=1, help="trials at once (default %(default)s)"
+        "--max-concurrent", type=int, help="trials at once (default: the space's, else 1)"
     )
     tune.add_argument(
         "--metric",
-        default="mi",
         help="ranking: mi (label-free, default), or acc/nmi/ari when the eval split has labels",
     )
-    tune.add_argument(
-        "--search", default="optuna", help="optuna (TPE, default) or random (needed for grid)"
-    )
+    tune.add_argument("--search", help="optuna (TPE, default) or random (needed for grid)")
     tune.add_argument(
         "--grace-period",
         type=int,
-        default=1,
-        help="epochs before ASHA may stop a trial (default %(default)s)",
+        help="epochs before ASHA may stop a trial (default: the space's, else 1)",
     )
     tune.add_argument(
         "--reduction-factor",
         type=int,
-        default=2,
-        help="ASHA keeps 1/N of the trials at each rung (default %(default)s)",
+        help="ASHA keeps 1/N of the trials at each rung (default: the space's, else 2)",
     )
     tune.add_argument("--workers", type=int, help="training workers per trial (scaling)")
     tune.add_argument("--cpus-per-worker", type=float, help="CPUs per training worker")
@@ -755,6 +764,17 @@ named label:a+b or its members joined by _and_; classes in no group are ignored.
     syn.add_argument("out", help="output folder")
     syn.add_argument("--size", type=int, default=2048, help="scene side in pixels (>= 256)")
     syn.add_argument("--scene-seed", type=int, default=0, help="seed of the generated scene")
+    syn.add_argument(
+        "--roads", type=int, default=0, help="roads per direction (0: one per 256 px of side)"
+    )
+    syn.add_argument(
+        "--buildings",
+        type=float,
+        default=1.0,
+        help="building density, 0-4 (1: the default scene; 0.1 with --roads 2: a rural scene "
+        "with 70%% vegetation)",
+    )
+    syn.add_argument("--trees", type=float, default=1.0, help="tree density, 0-4")
     syn.add_argument("--no-baselines", action="store_true", help="skip the baseline measurements")
     syn.set_defaults(func=_prepare_synthetic)
 

@@ -53,12 +53,26 @@ def test_default_scene_defeats_colour_but_not_context():
     assert context >= 0.9 and context > colour + 0.04 and context > kmeans + 0.3
 
 
+def test_rural_scene_skews_the_classes_toward_vegetation():
+    def shares(spec: SceneSpec) -> np.ndarray:
+        cls = make_scene(spec)[1]
+        return np.bincount(np.array(POTSDAM3)[cls].ravel(), minlength=3) / cls.size
+
+    default = shares(SceneSpec(size=1024))
+    rural = shares(SceneSpec(size=1024, roads=1, buildings=0.1))
+    assert default.max() < 0.5
+    assert rural[2] > 0.65 and rural[2] > default[2] + 0.2  # vegetation (with trees)
+    assert rural[0] < default[0] / 2  # roads
+
+
 @pytest.mark.parametrize(
     "spec, match",
     [
         ({"size": 128}, r"scene size must be >= 256 px, got 128"),
         ({"size": 256, "roads": 200}, r"scene roads must be 0-136 per direction .* got 200"),
         ({"roads": -1}, r"scene roads must be 0-1928 .* got -1"),
+        ({"buildings": 5}, r"scene buildings must be a density in \[0, 4\], got 5"),
+        ({"trees": -0.5}, r"scene trees must be a density in \[0, 4\], got -0.5"),
     ],
 )
 def test_scene_spec_refuses_what_cannot_be_drawn(spec, match):

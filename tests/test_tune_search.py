@@ -152,15 +152,16 @@ def _finished(log: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def search(shards, tmp_path_factory) -> dict:
-    """``iid tune`` of 3 trials, 2 at a time, SIGKILLed (driver and its local Ray cluster)
+    """``iid tune`` of 3 trials (as the space file says), 2 at a time, SIGKILLed (driver and its local Ray cluster)
     once the first trial has finished, then ``iid tune --resume``."""
     tmp = tmp_path_factory.mktemp("search")
     (tmp / "base.yaml").write_text(yaml.safe_dump(base_config(shards)))
-    (tmp / "space.yaml").write_text(yaml.safe_dump(SPACE))
+    # The trial count comes from the space file's search section, the concurrency from a flag.
+    (tmp / "space.yaml").write_text(yaml.safe_dump(SPACE | {"search": {"num_samples": 3}}))
     # Earlier tests' mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: not for this search.
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"RAY_ADDRESS": ""}
     cmd = [IID, "tune", "--config", "base.yaml", "--space", "space.yaml", "--name", "s"]
-    cmd += ["--num-samples", "3", "--max-concurrent", "2"]
+    cmd += ["--max-concurrent", "2"]
     trials = tmp / "runs" / "s" / "trials"
     log = (tmp / "first.log").open("w")
     first = subprocess.Popen(

@@ -34,6 +34,10 @@ class SceneSpec:
     seed: int = 0
     roads: int = 0  # per direction; 0: one per 256 px of side
     tiles: tuple[tuple[int, int], ...] = ((1, 1),)
+    # Density of buildings and trees, 1 = the default scene; lower values skew the classes
+    # toward vegetation (a rural scene), as real scenes often are.
+    buildings: float = 1.0
+    trees: float = 1.0
 
     def __post_init__(self) -> None:
         # Buildings are up to 240 px a side and roads keep 60 px from the edges.
@@ -44,6 +48,11 @@ class SceneSpec:
                 f"scene roads must be 0-{self.size - 120} per direction for a {self.size} px "
                 f"scene, got {self.roads!r}"
             )
+        for key in ("buildings", "trees"):
+            if not 0 <= getattr(self, key) <= 4:
+                raise ValueError(
+                    f"scene {key} must be a density in [0, 4], got {getattr(self, key)!r}"
+                )
 
 
 def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -55,7 +64,9 @@ def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np
     return field / (field.std() + 1e-9)
 
 
-def _draw_layout(rng: np.random.Generator, size: int, n_roads: int) -> tuple[np.ndarray, list]:
+def _draw_layout(
+    rng: np.random.Generator, size: int, n_roads: int, buildings: float = 1.0, trees: float = 1.0
+) -> tuple[np.ndarray, list]:
     """Class map (h, w) uint8 and the road rectangles."""
     cls = np.full((size, size), LOW_VEG, dtype=np.uint8)
     roads = []
@@ -71,14 +82,14 @@ def _draw_layout(rng: np.random.Generator, size: int, n_roads: int) -> tuple[np.
             cls[sl] = IMPERVIOUS
             roads.append((axis, lo, width))
     # Buildings: rectangles that must not cover roads.
-    for _ in range(size * size // 2000):
+    for _ in range(int(size * size * buildings) // 2000):
         h, w = int(rng.integers(40, 240)), int(rng.integers(40, 240))
         y, x = int(rng.integers(0, size - h)), int(rng.integers(0, size - w))
         if (cls[y : y + h, x : x + w] == LOW_VEG).all():
             cls[y : y + h, x : x + w] = BUILDING
     # Trees: discs on vegetation only.
     yy, xx = np.mgrid[0:size, 0:size]
-    for _ in range(size * size // 12000):
+    for _ in range(int(size * size * trees) // 12000):
         r = int(rng.integers(8, 34))
         y, x = int(rng.integers(r, size - r)), int(rng.integers(r, size - r))
         win = (slice(y - r, y + r + 1), slice(x - r, x + r + 1))
@@ -149,7 +160,8 @@ def _paint(rng: np.random.Generator, cls: np.ndarray, roads: list) -> np.ndarray
 def make_scene(spec: SceneSpec, tile: tuple[int, int] = (1, 1)) -> tuple[np.ndarray, np.ndarray]:
     """(image (3, h, w) uint8, class map (h, w) uint8) of one generated scene tile."""
     rng = np.random.default_rng([spec.seed, *tile])
-    cls, roads = _draw_layout(rng, spec.size, spec.roads or max(1, spec.size // 256))
+    n_roads = spec.roads or max(1, spec.size // 256)
+    cls, roads = _draw_layout(rng, spec.size, n_roads, spec.buildings, spec.trees)
     img = _paint(rng, cls, roads)
     return img.transpose(2, 0, 1), cls
 
@@ -283,7 +295,12 @@ def prepare_synthetic(
     for tile in spec.tiles[1:]:
         write_scene_tile(out / "raw", spec, tile)
     extra = {
-        "synthetic": {"size": spec.size, "seed": spec.seed, "tiles": [list(t) for t in spec.tiles]}
+        "synthetic": {
+            "size": spec.size,
+            "seed": spec.seed,
+            "tiles": [list(t) for t in spec.tiles],
+        }
+        | {"roads": spec.roads, "buildings": spec.buildings, "trees": spec.trees}
     }
     if baselines:  # before the shards: the manifest is written once, whole
         say("measuring the baselines: k-means on colour, supervised on colour and context")

@@ -88,6 +88,37 @@ class SearchOptions:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"--search: {self.algorithm!r} is not one of {', '.join(ALGORITHMS)}")
 
+    @classmethod
+    def resolve(
+        cls, name: str, sized: dict[str, object], flags: dict[str, object], source: str
+    ) -> SearchOptions:
+        """The options a space file is sized for (its ``search`` section), then the flags the
+        user gave, which win.
+
+        Raises:
+            ConfigError: a bad value, naming the file's key or the flag.
+        """
+        try:
+            cls(name=name, **sized)
+        except ConfigError as err:
+            msg = str(err)
+            for key, flag in FLAGS.items():
+                if msg.startswith(f"{flag}:"):
+                    msg = f"search.{key}{msg[len(flag) :]}"
+            raise ConfigError(f"{source}: {msg}") from err
+        return cls(name=name, **(sized | flags))
+
+
+# The flag that sets each option, for errors about a space file's search section.
+FLAGS = {
+    "num_samples": "--num-samples",
+    "max_concurrent": "--max-concurrent",
+    "grace_period": "--grace-period",
+    "reduction_factor": "--reduction-factor",
+    "metric": "--metric",
+    "algorithm": "--search",
+}
+
 
 @dataclass(frozen=True)
 class TrialRow:

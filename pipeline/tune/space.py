@@ -9,6 +9,12 @@ A space file maps config paths to one distribution each::
       optim.lr:         {choice: [1.0e-4, 3.0e-4, 1.0e-3]}
       loss.lamb_a:      {grid: [1.0, 1.5]}        # every value, crossed with the samples
 
+Beside ``params`` a space file may say what it is sized for: ``search`` holds ``iid tune``
+options (``num_samples``, ``max_concurrent``, ``grace_period``, ``reduction_factor``, ``metric``,
+``algorithm``) and ``config`` holds base config values (``optim.epochs``, ``scaling.*``), so one
+file is a search for 2 cores and another the same search for a GPU cluster. Flags and ``--set``
+given on the command line win over both.
+
 Everything is checked before a trial starts: the path must name a config field, the
 distribution must be known, a range must be non-empty (and positive for ``loguniform``), every
 value must have the field's type, and the range's ends and every listed value must pass the
@@ -158,8 +164,87 @@ def parse_space(
     return space
 
 
-def load_space(path: str | Path, base: dict | None = None) -> SearchSpace:
-    """Read and validate ``tune_spaces/NAME.yaml``."""
-    path = Path(path)
+# The options a space file's ``search`` section may set: the SearchOptions fields a file can
+# size (the search's name is the user's).
+SEARCH_KEYS: dict[str, type] = {
+    "num_samples": int,
+    "max_concurrent": int,
+    "grace_period": int,
+    "reduction_factor": int,
+    "metric": str,
+    "algorithm": str,
+}
+
+
+@dataclass(frozen=True)
+class SpaceFile:
+    """A space file: what it searches and what it is sized for.
+
+    Attributes:
+        raw: ``{"params": ...}``, what ``parse_space`` takes (and a search record keeps).
+        search: SearchOptions fields the file sets.
+        config: base config values the file assumes, dotted path -> value.
+    """
+
+    raw: dict
+    search: dict[str, object]
+    config: dict[str, object]
+
+    def sized(self, base: dict) -> dict:
+        """``base`` (a config dict) with the file's config values set."""
+        out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+        for path, value in self.config.items():
+            section, key = path.split(".", 1)
+            out.setdefault(section, {})[key] = value
+        return out
+
+
+def read_space_file(path: str | Path) -> SpaceFile:
+    """Read ``tune_spaces/NAME.yaml`` and check its ``search`` and ``config`` sections; the
+    params are checked by ``parse_space`` against the base config.
+
+    Raises:
+        ConfigError: one line naming the file and the key.
+    """
     raw = read_yaml(path, "search space")
-    return parse_space(raw, base, str(path))
+    try:
+        if (
+            not isinstance(raw, dict)
+            or "params" not in raw
+            or set(raw) - {"params", "search", "config"}
+        ):
+            raise ConfigError(
+                "expected a mapping with params: {config.path: {dist: [...]}} and optionally "
+                "search: {option: value} and config: {config.path: value}"
+            )
+        search, config = raw.get("search") or {}, raw.get("config") or {}
+        for section, value in (("search", search), ("config", config)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section}: expected a mapping, got {value!r}")
+        for key, value in search.items():
+            if key not in SEARCH_KEYS:
+                raise ConfigError(f"search.{key}: unknown option (known: {', '.join(SEARCH_KEYS)})")
+            tp = SEARCH_KEYS[key]
+            if not isinstance(value, tp) or isinstance(value, bool):
+                raise ConfigError(f"search.{key}: expected {tp.__name__}, got {value!r}")
+        checked = {}
+        for key, value in config.items():
+            if key in NOT_SEARCHABLE:
+                raise ConfigError(
+                    f"config.{key}: not set by a space file (it says where data and runs live)"
+                )
+            try:
+                tp = _field_type(key)
+            except ConfigError as err:
+                raise ConfigError(f"config.{err}") from err
+            checked[key] = coerce(tp, value, f"config.{key}")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    return SpaceFile({"params": raw["params"]}, dict(search), checked)
+
+
+def load_space(path: str | Path, base: dict | None = None) -> SearchSpace:
+    """Read and validate ``tune_spaces/NAME.yaml``, its params against ``base`` sized as the
+    file says."""
+    file = read_space_file(path)
+    return parse_space(file.raw, None if base is None else file.sized(base), str(path))
