@@ -18,7 +18,7 @@ Cases: ``synthetic`` (the generated scene, configs/demo.yaml, tune_spaces/demo.y
 space: does held-out MI choose a weaker balance term where the classes are skewed?),
 ``digits28`` (the even half of the 28 px digits stand-in with the clustering defaults,
 configs/clustering.yaml, tune_spaces/clustering.yaml) and ``potsdam3`` (bench/quality.py's
-potsdam-mini P3 config, tune_spaces/potsdam.yaml's params). All but ``rural`` are tuned cases:
+potsdam-mini P3 config, tune_spaces/aerial.yaml's params). All but ``rural`` are tuned cases:
 their labels chose recipes before (see bench/quality.py), but not the criterion. The space
 files' own sizing (search and config sections) is not used: the flags here set it.
 
@@ -97,7 +97,7 @@ def prepare(case: str, work: Path, scene: int) -> tuple[dict, dict, str]:
         from quality import potsdam3
 
         base, _, _ = potsdam3(work, 0.5)  # 4 epochs
-        space = "tune_spaces/potsdam.yaml"
+        space = "tune_spaces/aerial.yaml"
         return base, read_space_file(ROOT / space).raw, space
     else:
         shards = work / "digits28-even"

@@ -14,8 +14,8 @@ from pipeline.tune.space import load_space, parse_space, read_space_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {
-    "potsdam": ["potsdam3", "potsdam6"],
-    "potsdam-gpu": ["potsdam3", "potsdam6"],
+    "aerial": ["aerial", "potsdam3", "potsdam6"],
+    "aerial-gpu": ["aerial", "potsdam3", "potsdam6"],
     "cocostuff": ["cocostuff3", "cocostuff15"],
     "cocostuff-gpu": ["cocostuff3", "cocostuff15"],
     "clustering": ["demo", "clustering"],
@@ -44,7 +44,7 @@ def test_every_shipped_space_is_listed():
 
 
 def test_each_kind_has_a_two_core_space_and_a_gpu_space():
-    for kind in ("potsdam", "cocostuff", "clustering"):
+    for kind in ("aerial", "cocostuff", "clustering"):
         small = read_space_file(ROOT / "tune_spaces" / f"{kind}.yaml")
         big = read_space_file(ROOT / "tune_spaces" / f"{kind}-gpu.yaml")
         assert small.config.get("scaling.use_gpu", False) is False
