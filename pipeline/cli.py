@@ -544,7 +544,8 @@ def _add_tune(sub, run: argparse.ArgumentParser) -> None:
     )
     tune.add_argument(
         "--metric",
-        help="ranking: mi (label-free, default), or acc/nmi/ari when the eval split has labels",
+        help="ranking: mi (label-free, default), agreement (label-free, sub-heads' mean NMI "
+        "with each other; 2+ sub-heads), or acc/miou/nmi/ari when the eval split has labels",
     )
     tune.add_argument("--search", help="optuna (TPE, default) or random (needed for grid)")
     tune.add_argument(

@@ -75,7 +75,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"metric": "loss"}, "--metric: 'loss' is not one of mi, acc"),
+        ({"metric": "loss"}, "--metric: 'loss' is not one of mi, agreement, acc"),
         ({"algorithm": "hyperopt"}, "--search: 'hyperopt' is not one of optuna, random"),
         ({"num_samples": 0}, "--num-samples: expected an integer >= 1, got 0"),
         ({"reduction_factor": 1}, "--reduction-factor: expected an integer >= 2"),
@@ -100,6 +100,10 @@ def test_bad_searches_fail_before_anything_starts(shards, tmp_path, monkeypatch)
     wide = {"params": {"loss.half_window": {"randint": [2, 30]}}}
     with pytest.raises(ConfigError, match="wide.yaml: loss.half_window: 30 does not fit 24-pixel"):
         run_search(base, wide, SearchOptions(name="w"), "wide.yaml")
+    # Agreement needs 2+ sub-heads in every trial: the base has 2, the space may go to 1.
+    heads = {"params": {"model.n_subheads": {"choice": [1, 2]}}}
+    with pytest.raises(ConfigError, match="--metric agreement: needs model.n_subheads >= 2 .* 1"):
+        run_search(base, heads, SearchOptions(name="a", metric="agreement"), "heads.yaml")
     missing = base | {"data": base["data"] | {"shards": str(tmp_path / "nowhere")}}
     with pytest.raises(PrepareError, match="nowhere"):
         run_search(missing, SPACE, SearchOptions(name="m"))
@@ -152,8 +156,8 @@ def _finished(log: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def search(shards, tmp_path_factory) -> dict:
-    """``iid tune`` of 3 trials (as the space file says), 2 at a time, SIGKILLed (driver and its local Ray cluster)
-    once the first trial has finished, then ``iid tune --resume``."""
+    """``iid tune`` of 3 trials (as the space file says), 2 at a time, SIGKILLed (driver and
+    its local Ray cluster) once the first trial has finished, then ``iid tune --resume``."""
     tmp = tmp_path_factory.mktemp("search")
     (tmp / "base.yaml").write_text(yaml.safe_dump(base_config(shards)))
     # The trial count comes from the space file's search section, the concurrency from a flag.

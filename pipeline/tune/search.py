@@ -41,7 +41,9 @@ from pipeline.tune.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
 
-METRICS = ("mi", "acc", "miou", "nmi", "ari")  # all maximised; only "mi" needs no labels
+# All maximised. Label-free: mi, and agreement (the chosen sub-head's mean NMI with the other
+# sub-heads, so only with 2 or more).
+METRICS = ("mi", "agreement", "acc", "miou", "nmi", "ari")
 LABELLED = ("acc", "miou", "nmi", "ari")
 SEARCH_FILE = "search.json"
 ALGORITHMS = ("optuna", "random")
@@ -215,6 +217,16 @@ def run_search(
             f"--metric {opts.metric}: the eval split {cfg.data.eval_split!r} of "
             f"{cfg.data.shards} has no labels; rank by mi instead"
         )
+    if opts.metric == "agreement":
+        fewest = min(
+            [cfg.model.n_subheads]
+            + [int(v) for d in space.dims if d.path == "model.n_subheads" for v in d.values]
+        )
+        if fewest < 2:
+            raise ConfigError(
+                f"--metric agreement: needs model.n_subheads >= 2 in every trial (it is a "
+                f"sub-head's agreement with the others), got {fewest}"
+            )
     uri = tracking.resolve_uri(cfg.run.tracking_uri)
     tracking.check_reachable(uri)
     check_cluster()
