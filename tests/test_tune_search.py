@@ -32,6 +32,7 @@ from pipeline.tune.search import (
     SearchRecord,
     TrialRow,
     rank_correlation,
+    rank_trials,
     resume_search,
     run_search,
     write_best_config,
@@ -114,6 +115,20 @@ def test_bad_searches_fail_before_anything_starts(shards, tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="no search.json"):
         resume_search(tmp_path / "runs" / "elsewhere")
     assert not list((tmp_path / "runs").glob("*/trials"))
+
+
+def test_trials_are_ranked_at_equal_budgets():
+    """A trial ASHA stopped at epoch 1 with a higher criterion (a near-collapsed clustering's
+    sub-heads agree well) does not outrank the trials that trained on."""
+    rows = [
+        TrialRow("early", {}, 1, "stopped early", {"mi": 0.9, "agreement": 0.74}),
+        TrialRow("done-low", {}, EPOCHS, "done", {"mi": 0.5, "agreement": 0.70}),
+        TrialRow("done-high", {}, EPOCHS, "done", {"mi": 0.6, "agreement": 0.72}),
+        TrialRow("failed", {}, EPOCHS, "error: x", {}),
+    ]
+    for metric in ("mi", "agreement"):
+        ranked = [r.trial_id for r in rank_trials(rows, metric)]
+        assert ranked == ["done-high", "done-low", "early", "failed"]
 
 
 def test_rank_correlation_and_best_config_round_trip(shards, tmp_path):
@@ -264,9 +279,12 @@ def test_search_is_one_parent_and_a_child_run_per_trial(search):
         assert len(history) in ((epochs, epochs + 1) if stopped else (epochs,)) and epochs >= 1
         acc = {m.step: m.value for m in client.get_metric_history(child.info.run_id, "eval/acc")}
         assert acc[epochs - 1] == pytest.approx(float(row["acc"]))
-    best = max(table.values(), key=lambda r: float(r["mi"]))
+    best = max(table.values(), key=lambda r: (int(r["epochs"]), float(r["mi"])))
     assert parent.data.tags["iid.best_trial"] == best["trial"]
-    assert "chosen by mi: trial " + best["trial"] in search["stdout"]
+    assert (
+        "chosen by mi among the trials that trained longest: trial " + best["trial"]
+        in (search["stdout"])
+    )
     assert "rank correlation of mi and acc" in search["stdout"]
 
 
@@ -274,7 +292,7 @@ def test_exported_best_config_trains_unchanged(search, monkeypatch, capsys):
     best = search["folder"] / "best_config.yaml"
     cfg = load_config(best)
     table = {r["trial"]: r for r in csv_rows(search["folder"] / "trials.csv")}
-    chosen = max(table.values(), key=lambda r: float(r["mi"]))
+    chosen = max(table.values(), key=lambda r: (int(r["epochs"]), float(r["mi"])))
     assert cfg.loss.lamb_b == pytest.approx(float(chosen["loss.lamb_b"]))
     assert cfg.loss.half_window == int(chosen["loss.half_window"])
     # `iid train --config best_config.yaml`, in this process (its Ray cluster is already up).

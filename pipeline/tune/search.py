@@ -5,7 +5,8 @@ A search (``run_search``) is a ``ray.tune.Tuner`` whose trials each launch a Ray
 ``TuneReportCallback``), ASHA stopping weak trials after ``grace_period`` epochs, Optuna (or
 random search) proposing configs. Trials are ranked without labels by default: ``mi``, the
 lambda=1 mutual information of head B on held-out pairs drawn with the *base* config's pairs
-(comparable across lambda, T and strength; the training loss is not). ACC, NMI and ARI are
+(comparable across lambda, T and strength; the training loss is not), among the trials that
+trained longest (``rank_trials``). ACC, NMI and ARI are
 logged next to it when labels exist, and the summary reports how well the two rankings agree.
 
 On disk, under ``run.storage_path/NAME``: Tune's own state (what ``--resume`` restores),
@@ -444,7 +445,7 @@ def summarise(record: SearchRecord, grid) -> SearchOutcome:
     children = tracking.trial_runs(uri, record.parent_run_id)
     space = parse_space(record.space)
     rows = [_row(r, space, epochs, children) for r in grid]
-    rows.sort(key=lambda r: _key(r, opts.metric), reverse=True)
+    rows = rank_trials(rows, opts.metric)
     ranked = [r for r in rows if math.isfinite(r.metrics.get(opts.metric, math.nan))]
     best = ranked[0] if ranked else None
     spearman = rank_correlation(rows, "mi", "acc")
@@ -464,9 +465,20 @@ def summarise(record: SearchRecord, grid) -> SearchOutcome:
     return outcome
 
 
-def _key(row: TrialRow, metric: str) -> float:
-    value = row.metrics.get(metric, math.nan)
-    return value if math.isfinite(value) else -math.inf
+def rank_trials(rows: list[TrialRow], metric: str) -> list[TrialRow]:
+    """Best first: the trials that trained the most epochs, each group by ``metric``; trials
+    without the metric last.
+
+    Trials are compared at equal budgets: a trial ASHA stopped at an earlier rung lost there
+    to the ones it promoted, and its metric at that budget does not compare with theirs at a
+    later one (a label-free criterion can favour a trial that has not taken off yet).
+    """
+
+    def key(row: TrialRow) -> tuple[int, float]:
+        value = row.metrics.get(metric, math.nan)
+        return (row.epochs, value) if math.isfinite(value) else (-1, -math.inf)
+
+    return sorted(rows, key=key, reverse=True)
 
 
 def _row(result, space: SearchSpace, epochs: int, children: dict[str, str]) -> TrialRow:
@@ -549,8 +561,9 @@ def format_table(outcome: SearchOutcome) -> str:
     ]
     if outcome.best is not None:
         lines.append(
-            f"chosen by {outcome.metric}: trial {outcome.best.trial_id} "
-            f"({_fmt_metrics(outcome.best.metrics)})"
+            f"chosen by {outcome.metric} among the trials that trained longest: trial "
+            f"{outcome.best.trial_id} ({outcome.best.epochs} epochs; "
+            f"{_fmt_metrics(outcome.best.metrics)})"
         )
     lines.append(
         f"rank correlation of mi and acc across trials (Spearman): {_fmt(outcome.spearman)}"
