@@ -350,9 +350,9 @@ def run_dataset(
         label = f"{name} seed {seed}"
         if not case.labelled:
             runs.append((ev.best, (float(ev.mi[ev.best]),), train_s))
-            outputs = segment(
-                str(run_dir), str(LANDSAT), str(previews / slug), SegmentOptions(progress=False)
-            )
+            # overwrite: a map left by an earlier run would be skipped, leaving no preview.
+            opts = SegmentOptions(progress=False, overwrite=True)
+            outputs = segment(str(run_dir), str(LANDSAT), str(previews / slug), opts)
             lines += [
                 f"{label}: sub-head {ev.best} (highest MI) held-out MI {ev.mi[ev.best]:.3f} "
                 f"nats (ln K = {np.log(len(ev.masses[ev.best])):.3f}); every sub-head's MI: "
@@ -422,6 +422,9 @@ def main() -> None:
             tables[CASES[name].tuned] += [(name, *row) for row in rows]
             configs[name] = raw
             lines += runs
+            # Each case as it ends: a later case's failure must not lose an hour of results.
+            done = _table(f"\n{name} (done)", [(name, *row) for row in rows], "")
+            print("\n".join(done + runs), flush=True)
     ray.shutdown()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     out = _table("\ntuned: labels used to choose the recipe", tables[True], command)
