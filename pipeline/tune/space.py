@@ -75,11 +75,16 @@ class SearchSpace:
 
     def apply(self, base: dict, sample: dict[str, Any]) -> Config:
         """The trial's config: ``base`` (a config dict) with the sampled values set."""
-        out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-        for path, value in sample.items():
-            section, key = path.split(".", 1)
-            out.setdefault(section, {})[key] = value
-        return Config.from_dict(out)
+        return Config.from_dict(with_paths(base, sample))
+
+
+def with_paths(base: dict, values: dict[str, Any]) -> dict:
+    """A copy of ``base`` (a config dict) with ``section.key`` values set; ``base`` is kept."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for path, value in values.items():
+        section, key = path.split(".", 1)
+        out.setdefault(section, {})[key] = value
+    return out
 
 
 # Where data and runs live, not how to train: a trial must not change them.
@@ -192,11 +197,7 @@ class SpaceFile:
 
     def sized(self, base: dict) -> dict:
         """``base`` (a config dict) with the file's config values set."""
-        out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-        for path, value in self.config.items():
-            section, key = path.split(".", 1)
-            out.setdefault(section, {})[key] = value
-        return out
+        return with_paths(base, self.config)
 
 
 def read_space_file(path: str | Path) -> SpaceFile:
