@@ -257,6 +257,8 @@ def start_ray(dashboard: bool = True) -> None:
     import ray
     import ray.data
 
+    from pipeline.loopback import local_cluster
+
     # Ray's own lines (its start-up notice, the token-authentication warning, Ray Data's
     # execution plans) only where the user asked for them (-vv): `import ray` sets its logger
     # to INFO whatever was set before.
@@ -268,6 +270,7 @@ def start_ray(dashboard: bool = True) -> None:
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
         local = not os.environ.get("RAY_ADDRESS")
         ray.init(
+            **(local_cluster() if local else {}),
             logging_level=logging.INFO if own else logging.WARNING,
             # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
             num_cpus=max(4, os.cpu_count() or 1) if local else None,
@@ -366,6 +369,8 @@ def launch(job: Job, inputs: TrainInputs, callbacks: Sequence = ()) -> Result:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipeline import loopback
+
     cfg = job.config
     if cfg.data.pairs_on == "actors":
         train_ds = pair_dataset(
@@ -383,6 +388,7 @@ def launch(job: Job, inputs: TrainInputs, callbacks: Sequence = ()) -> Result:
     resources = {"CPU": cfg.scaling.cpus_per_worker} | ({"GPU": 1} if cfg.scaling.use_gpu else {})
     trainer = TorchTrainer(
         train_loop_per_worker,
+        torch_config=loopback.torch_config(),
         train_loop_config=job.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,

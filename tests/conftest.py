@@ -108,8 +108,16 @@ def ray_cluster():
     tests do, so actor pools cannot starve read tasks on a 2-core machine)."""
     import ray
 
-    # With the dashboard, as `iid` starts it: Ray Train's placement-group cleaner needs its
-    # state API.
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    from pipeline.loopback import local_cluster
+
+    # On loopback and with the dashboard, as `iid` starts it: Ray Train's placement-group
+    # cleaner needs its state API.
+    ray.init(
+        **local_cluster(),
+        num_cpus=4,
+        include_dashboard=True,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()

@@ -1,9 +1,16 @@
-"""Trust: nothing read from a data path runs code, and a run's name cannot leave its storage."""
+"""Trust: nothing read from a data path runs code, a run's name cannot leave its storage, and a
+local run cannot be reached from the network."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +118,103 @@ def test_registered_models_load_as_weights_and_planted_code_is_refused(tmp_path,
     with pytest.raises(ConfigError, match=r"weights.pt is not a plain checkpoint, refused unread"):
         load_model(f"runs:/{run.info.run_id}/model")
     assert not marker.exists()
+
+
+IID = shutil.which("iid", path=str(Path(sys.executable).parent))
+
+
+def _descendants(root: int) -> list[int]:
+    """``root`` and every process below it, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out = [root]
+    for pid in out:
+        out += children.get(pid, [])
+    return out
+
+
+def _address(hex_addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """/proc/net/tcp{,6}'s address: 32-bit words in the host's byte order."""
+    raw = b"".join(bytes.fromhex(hex_addr[i : i + 8])[::-1] for i in range(0, len(hex_addr), 8))
+    address = ipaddress.ip_address(raw)
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def _listening(pids: list[int]) -> dict[tuple[str, int], str]:
+    """(address, port) -> the process name, for every TCP socket that ``pids`` listen on."""
+    owner = {}
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            name = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0]
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                owner[target[8:-1]] = name
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in owner:  # 0A: LISTEN
+                addr, port = fields[1].split(":")
+                found[(str(_address(addr)), int(port, 16))] = owner[fields[9]]
+    return found
+
+
+@pytest.mark.skipif(IID is None, reason="console script `iid` not installed next to this python")
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
+def test_a_local_run_listens_on_loopback_only(tmp_path):
+    """`iid train` on the cluster it starts itself (no RAY_ADDRESS), with 2 workers (a process
+    group, its rendezvous store and gloo): every socket any of its processes listens on, sampled
+    while it runs, is on loopback; none on 0.0.0.0, :: or the machine's network address."""
+    from tests.conftest import small_synthetic
+
+    shards = small_synthetic(tmp_path / "data", seed=4)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data: {{shards: {shards}, merge: potsdam3, pairs_on: worker}}\n"
+        "model: {width: 0.125, n_clusters_a: 5}\nloss: {half_window: 3}\n"
+        "optim: {epochs: 3}\npairs: {crop: 24}\n"
+        "scaling: {num_workers: 2, cpus_per_worker: 0.5}\n"
+        f"run: {{name: loopback, storage_path: {tmp_path / 'runs'}}}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = subprocess.Popen(
+        [IID, "train", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    seen: dict[tuple[str, int], str] = {}
+    deadline = time.monotonic() + 600
+    while run.poll() is None and time.monotonic() < deadline:
+        seen |= _listening(_descendants(run.pid))
+        time.sleep(0.2)
+    out = run.communicate(timeout=60)[0]
+    assert run.returncode == 0, out
+
+    listed = {f"{addr} port {port}": name for (addr, port), name in seen.items()}
+    exposed = {
+        f"{addr} port {port}": name
+        for (addr, port), name in seen.items()
+        if not ipaddress.ip_address(addr).is_loopback
+    }
+    assert not exposed, exposed
+    # The sampling saw the cluster and the training workers, not an empty tree.
+    names = " ".join(seen.values())
+    for process in ("gcs_server", "raylet", "ray::RayTrainWorker", "ray::TrainController"):
+        assert process in names, listed

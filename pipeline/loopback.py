@@ -1,0 +1,135 @@
+"""A local Ray cluster that nobody on the network can reach: every process of it, and the
+training workers' process group, listens on loopback (127.0.0.1) only.
+
+A cluster the user joins (``RAY_ADDRESS``) is left as its operator set it up; this is the
+cluster ``iid`` starts by itself on one machine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import ray
+import torch.distributed as dist
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+LOOPBACK = "127.0.0.1"
+
+# Rank 0's rendezvous store, kept alive for as long as the worker's process group lives.
+_store: dist.TCPStore | None = None
+
+
+def local_cluster() -> dict:
+    """``ray.init``'s arguments for a cluster of this machine alone, on loopback.
+
+    ``address="local"`` starts a new cluster even where a ``ray start`` cluster runs on the
+    machine (``ray.init`` would join that one, and then refuse ``num_cpus``); joining a cluster
+    is ``RAY_ADDRESS``'s job.
+
+    Returns:
+        The keyword arguments to add to ``ray.init``.
+    """
+    from ray._private import ray_constants
+
+    # Ray binds its gRPC servers (GCS, raylet, object manager, every worker) to all interfaces
+    # unless the node's address is loopback, and rewrites a loopback ``_node_ip_address`` into
+    # the machine's network address unless this flag (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, off by
+    # default on macOS and Windows for the same reason) is off. Only the driver reads it: the
+    # processes Ray starts are handed the address. Set on the module because Ray read the
+    # environment when it was imported; tests/test_trust.py checks the sockets themselves, so a
+    # Ray upgrade that moves this flag fails there rather than silently opening the ports.
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    return {"address": "local", "_node_ip_address": LOOPBACK}
+
+
+def torch_config() -> TorchConfig:
+    """Ray Train's ``TorchConfig`` for ``TorchTrainer``: the same process group (gloo on CPU,
+    NCCL on GPU), set up on loopback when the cluster is a ``local_cluster``."""
+    return _LoopbackTorchConfig()
+
+
+class _LoopbackTorchConfig(TorchConfig):
+    @property
+    def backend_cls(self):
+        return _LoopbackTorchBackend
+
+
+class _LoopbackTorchBackend(_TorchBackend):
+    """On a loopback node, the workers' rendezvous goes through a store that rank 0 opens on a
+    127.0.0.1 socket, and gloo and NCCL bind the loopback interface. Ray's own set-up would
+    have torch's ``TCPStore`` listen on every interface of rank 0 (its listening address cannot
+    be chosen, only a bound socket handed over) and gloo on the address the host name resolves
+    to. Anywhere else (a joined cluster, several nodes) it is Ray's set-up unchanged."""
+
+    def on_start(self, worker_group, backend_config: TorchConfig) -> None:
+        # This runs in Ray Train's controller, on the driver's node: a loopback node address
+        # means a cluster that cannot have other nodes.
+        if ray.util.get_node_ip_address() != LOOPBACK:
+            super().on_start(worker_group, backend_config)
+            return
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
+        timeout_s = backend_config.timeout_s
+        port = worker_group.execute_single(
+            0, _open_store, world_size=len(worker_group), timeout_s=timeout_s
+        )
+        worker_group.execute(_set_torch_distributed_env_vars)  # LOCAL_RANK and the rest
+        ray.get(
+            [
+                worker_group.execute_single_async(
+                    rank,
+                    _join_process_group,
+                    backend=backend,
+                    world_rank=rank,
+                    world_size=len(worker_group),
+                    port=port,
+                    timeout_s=timeout_s,
+                )
+                for rank in range(len(worker_group))
+            ]
+        )
+
+
+def _open_store(world_size: int, timeout_s: int) -> int:
+    """On rank 0: the rendezvous store, listening on a loopback socket. Returns its port."""
+    global _store
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    # The store takes the socket over (and closes it with itself); it must not be garbage.
+    _store = dist.TCPStore(
+        LOOPBACK,
+        port,
+        world_size,
+        is_master=True,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=sock.detach(),
+    )
+    return port
+
+
+def _join_process_group(
+    backend: str, world_rank: int, world_size: int, port: int, timeout_s: int
+) -> None:
+    """On every worker: gloo and NCCL on the loopback interface (unless the user named one),
+    then the process group through rank 0's store."""
+    lo = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        if lo and var not in os.environ:
+            os.environ[var] = lo
+    if backend == "nccl" and "TORCH_NCCL_BLOCKING_WAIT" not in os.environ:
+        # As Ray sets it: a timed-out collective fails the worker instead of hanging it.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    timeout = timedelta(seconds=timeout_s)
+    if world_rank == 0:
+        store = _store
+    else:
+        store = dist.TCPStore(LOOPBACK, port, world_size, timeout=timeout)
+    dist.init_process_group(
+        backend=backend, store=store, rank=world_rank, world_size=world_size, timeout=timeout
+    )
