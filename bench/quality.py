@@ -38,11 +38,12 @@ import torch
 from sklearn.cluster import KMeans
 
 from pipeline import checkpoint
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError, apply_overrides
 from pipeline.data.format import fit_to_data, label_lut, read_manifest
 from pipeline.data.read import iter_tiles
 from pipeline.demo import DIGITS_PAIRS
 from pipeline.evaluate import Evaluation, evaluate_uri
+from pipeline.loopback import local_cluster
 from pipeline.metrics import cluster_scores
 from pipeline.models import build_model
 from pipeline.prepare.clustering import DigitsSpec, prepare_digits
@@ -321,13 +322,14 @@ def _curve(run_dir: Path, key: str) -> str:
 
 
 def run_dataset(
-    name: str, work: Path, scale: float, seeds: int, previews: Path
+    name: str, work: Path, scale: float, seeds: int, previews: Path, overrides: list[str] = ()
 ) -> tuple[list, dict, list[str]]:
     """Baselines once (labelled cases), then IID with run.seed 0 .. seeds-1. Returns the table
     rows (one IID row: the run itself, or the median over seeds), the config and lines per IID
     run (scores, masses, the curve; a preview map for label-free cases)."""
     case = CASES[name]
     raw, shards, splits = case.build(work, scale)
+    raw = apply_overrides(raw, list(overrides))  # one change measured on every case
     slug = name.replace(" ", "-").lower()
     fitted = fit_to_data(Config.from_dict(raw), read_manifest(shards))  # as training sees it
     rows = baselines(fitted, shards, splits) if case.labelled else []
@@ -403,18 +405,34 @@ def main() -> None:
         default=str(Path(tempfile.gettempdir()) / "iid-quality"),
         help="where label-free cases' maps and previews go",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value in every case run (e.g. pairs.dihedral=true)",
+    )
     args = p.parse_args()
+    try:  # a bad key or value: one line before any case starts
+        Config.from_dict(apply_overrides({"data": {"shards": "x"}}, args.set))
+    except ConfigError as err:
+        p.error(str(err))
     import ray
 
     names = args.only or list(CASES)
     tables: dict[bool, list] = {True: [], False: []}
     configs, lines = {}, []
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(**local_cluster(), num_cpus=4, log_to_driver=False)  # as `iid train` starts it
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             try:
                 rows, raw, runs = run_dataset(
-                    name, Path(tmp), args.epochs_scale, args.seeds, Path(args.previews)
+                    name,
+                    Path(tmp),
+                    args.epochs_scale,
+                    args.seeds,
+                    Path(args.previews),
+                    args.set,
                 )
             except FileNotFoundError as err:
                 print(f"skipping {name}: {err}")

@@ -39,6 +39,7 @@ from pipeline.augment import random_crops
 from pipeline.checkpoint import CHECKPOINT_FILE
 from pipeline.config import Config
 from pipeline.data.read import iter_tiles
+from pipeline.loopback import local_cluster
 from pipeline.models import build_model
 from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
@@ -153,7 +154,11 @@ def main() -> None:
         opts = TilingOptions(tile=128, stride=128, progress=False, test_fraction=0.1)
         prepare_synthetic(work / "data", opts, SceneSpec(size=args.size, seed=3), baselines=False)
         shards = work / "data" / "shards"
-        ray.init(num_cpus=max(4, args.cores), include_dashboard=False, log_to_driver=False)
+        ray.init(
+            **local_cluster(),  # as `iid train` starts it
+            num_cpus=max(4, args.cores),
+            log_to_driver=False,
+        )
         for size in args.sizes:
             tag = f"{size[0]:g}x{size[1]}"
             for cores in sorted({args.cores, max(1, args.cores - 1)}, reverse=True):

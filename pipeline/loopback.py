@@ -22,12 +22,16 @@ LOOPBACK = "127.0.0.1"
 _store: dist.TCPStore | None = None
 
 
-def local_cluster() -> dict:
+def local_cluster(dashboard: bool = True) -> dict:
     """``ray.init``'s arguments for a cluster of this machine alone, on loopback.
 
     ``address="local"`` starts a new cluster even where a ``ray start`` cluster runs on the
     machine (``ray.init`` would join that one, and then refuse ``num_cpus``); joining a cluster
     is ``RAY_ADDRESS``'s job.
+
+    Args:
+        dashboard: start the dashboard, whose state API Ray Train needs (its placement-group
+            cleaner asks it whether a run's controller still lives); batch inference does not.
 
     Returns:
         The keyword arguments to add to ``ray.init``.
@@ -42,7 +46,7 @@ def local_cluster() -> dict:
     # environment when it was imported; tests/test_trust.py checks the sockets themselves, so a
     # Ray upgrade that moves this flag fails there rather than silently opening the ports.
     ray_constants.ENABLE_RAY_CLUSTER = False
-    return {"address": "local", "_node_ip_address": LOOPBACK}
+    return {"address": "local", "_node_ip_address": LOOPBACK, "include_dashboard": dashboard}
 
 
 def torch_config() -> TorchConfig:
@@ -65,8 +69,8 @@ class _LoopbackTorchBackend(_TorchBackend):
     to. Anywhere else (a joined cluster, several nodes) it is Ray's set-up unchanged."""
 
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:
-        # This runs in Ray Train's controller, on the driver's node: a loopback node address
-        # means a cluster that cannot have other nodes.
+        # This runs in Ray Train's controller: a node whose address is loopback belongs to a
+        # cluster that no other machine can join (``local_cluster``).
         if ray.util.get_node_ip_address() != LOOPBACK:
             super().on_start(worker_group, backend_config)
             return

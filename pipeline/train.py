@@ -247,8 +247,9 @@ def epoch_metrics(epoch: int, losses: dict[str, torch.Tensor], ev: Evaluation) -
 
 # ------------------------------------------------------------------------------- the driver
 def start_ray(dashboard: bool = True) -> None:
-    """Join the cluster ``RAY_ADDRESS`` names, or start a local one (the default); callers
-    check the address first (``check_cluster``), before anything else starts.
+    """Join the cluster ``RAY_ADDRESS`` names, or start a local one on loopback (the default,
+    ``pipeline.loopback``); callers check the address first (``check_cluster``), before
+    anything else starts.
 
     Args:
         dashboard: start a local cluster with its dashboard (Ray Train needs its state API;
@@ -270,14 +271,13 @@ def start_ray(dashboard: bool = True) -> None:
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
         local = not os.environ.get("RAY_ADDRESS")
         ray.init(
-            **(local_cluster() if local else {}),
-            logging_level=logging.INFO if own else logging.WARNING,
-            # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
-            num_cpus=max(4, os.cpu_count() or 1) if local else None,
             # The dashboard serves the state API: without it Ray Train's placement-group
             # cleaner cannot see that a Tune trial's controller died, and the trial's CPUs
             # are never released (the next trial then waits forever on a small machine).
-            include_dashboard=dashboard if local else None,
+            **(local_cluster(dashboard) if local else {}),
+            logging_level=logging.INFO if own else logging.WARNING,
+            # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
+            num_cpus=max(4, os.cpu_count() or 1) if local else None,
             log_to_driver=verbose,
         )
     _quiet_ray_logs(own)  # ray.init may have set up its handlers afresh

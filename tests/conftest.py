@@ -112,12 +112,6 @@ def ray_cluster():
 
     # On loopback and with the dashboard, as `iid` starts it: Ray Train's placement-group
     # cleaner needs its state API.
-    ray.init(
-        **local_cluster(),
-        num_cpus=4,
-        include_dashboard=True,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    ray.init(**local_cluster(), num_cpus=4, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -43,6 +43,11 @@ def two_nodes(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     ray.shutdown()  # a local cluster another test started in this process
+    # That cluster was a loopback one (pipeline.loopback); nodes of a real cluster have network
+    # addresses, and Ray's own process-group set-up runs there.
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     port = _free_port()
     head = {"num_cpus": 2, "include_dashboard": True, "dashboard_port": port}
     cluster = Cluster(initialize_head=True, head_node_args=head)

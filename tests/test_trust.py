@@ -7,6 +7,7 @@ import ipaddress
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,13 @@ def test_registered_models_load_as_weights_and_planted_code_is_refused(tmp_path,
 
 
 IID = shutil.which("iid", path=str(Path(sys.executable).parent))
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _descendants(root: int) -> list[int]:
@@ -178,7 +186,8 @@ def _listening(pids: list[int]) -> dict[tuple[str, int], str]:
 def test_a_local_run_listens_on_loopback_only(tmp_path):
     """`iid train` on the cluster it starts itself (no RAY_ADDRESS), with 2 workers (a process
     group, its rendezvous store and gloo): every socket any of its processes listens on, sampled
-    while it runs, is on loopback; none on 0.0.0.0, :: or the machine's network address."""
+    while it runs, is on loopback; none on 0.0.0.0, :: or the machine's network address. A
+    `ray start` cluster already running on the machine is not joined."""
     from tests.conftest import small_synthetic
 
     shards = small_synthetic(tmp_path / "data", seed=4)
@@ -192,19 +201,43 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = subprocess.Popen(
-        [IID, "train", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
+    # A `ray start` cluster on the same machine, which a bare ray.init would join (and then
+    # refuse iid's num_cpus): with no RAY_ADDRESS, iid starts its own cluster all the same.
+    port, dashboard = _free_port(), _free_port()
+    other = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1"]
+        + [f"--dashboard-port={dashboard}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env | {"RAY_AUTH_MODE": "disabled"},
     )
-    seen: dict[tuple[str, int], str] = {}
-    deadline = time.monotonic() + 600
-    while run.poll() is None and time.monotonic() < deadline:
-        seen |= _listening(_descendants(run.pid))
-        time.sleep(0.2)
-    out = run.communicate(timeout=60)[0]
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        discovery = Path(get_ray_address_file(None))  # where ray.init looks for a cluster
+        deadline = time.monotonic() + 120
+        while not (discovery.exists() and discovery.read_text().endswith(f":{port}")):
+            assert other.poll() is None and time.monotonic() < deadline, "ray start failed"
+            time.sleep(0.2)
+        run = subprocess.Popen(
+            [IID, "train", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        seen: dict[tuple[str, int], str] = {}
+        deadline = time.monotonic() + 600
+        while run.poll() is None and time.monotonic() < deadline:
+            seen |= _listening(_descendants(run.pid))
+            time.sleep(0.2)
+        out = run.communicate(timeout=60)[0]
+    finally:
+        other.terminate()  # --block: stops the cluster's processes as it exits
+        other.wait(timeout=60)
+        # Ray leaves the discovery file naming the stopped cluster.
+        if discovery.exists() and discovery.read_text().endswith(f":{port}"):
+            discovery.unlink()
     assert run.returncode == 0, out
 
     listed = {f"{addr} port {port}": name for (addr, port), name in seen.items()}
