@@ -36,17 +36,32 @@ def local_cluster(dashboard: bool = True) -> dict:
     Returns:
         The keyword arguments to add to ``ray.init``.
     """
+    _keep_loopback()
+    return {"address": "local", "_node_ip_address": LOOPBACK, "include_dashboard": dashboard}
+
+
+def join_cluster(address: str) -> None:
+    """Before ``ray.init`` joins ``address`` (``RAY_ADDRESS``): a cluster on this machine's
+    loopback (another ``iid`` command's, or ``ray job submit``'s driver on one) is joined on
+    loopback; Ray would otherwise look for it at the machine's network address, where nothing
+    listens, and retry for minutes."""
+    host = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        _keep_loopback()
+
+
+def _keep_loopback() -> None:
     from ray._private import ray_constants
 
     # Ray binds its gRPC servers (GCS, raylet, object manager, every worker) to all interfaces
-    # unless the node's address is loopback, and rewrites a loopback ``_node_ip_address`` into
-    # the machine's network address unless this flag (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, off by
-    # default on macOS and Windows for the same reason) is off. Only the driver reads it: the
-    # processes Ray starts are handed the address. Set on the module because Ray read the
-    # environment when it was imported; tests/test_trust.py checks the sockets themselves, so a
-    # Ray upgrade that moves this flag fails there rather than silently opening the ports.
+    # unless the node's address is loopback, and rewrites a loopback address (the node's or
+    # one to join) into the machine's network address unless this flag
+    # (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER, off by default on macOS and Windows for the same
+    # reason) is off. Only the driver reads it: the processes Ray starts are handed the
+    # address. Set on the module because Ray read the environment when it was imported;
+    # tests/test_trust.py checks the sockets themselves, so a Ray upgrade that moves this flag
+    # fails there rather than silently opening the ports.
     ray_constants.ENABLE_RAY_CLUSTER = False
-    return {"address": "local", "_node_ip_address": LOOPBACK, "include_dashboard": dashboard}
 
 
 def torch_config() -> TorchConfig:

@@ -258,7 +258,7 @@ def start_ray(dashboard: bool = True) -> None:
     import ray
     import ray.data
 
-    from pipeline.loopback import local_cluster
+    from pipeline.loopback import join_cluster, local_cluster
 
     # Ray's own lines (its start-up notice, the token-authentication warning, Ray Data's
     # execution plans) only where the user asked for them (-vv): `import ray` sets its logger
@@ -270,6 +270,8 @@ def start_ray(dashboard: bool = True) -> None:
         # only with -v; a failure still arrives as the exception fit() raises.
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
         local = not os.environ.get("RAY_ADDRESS")
+        if not local:
+            join_cluster(os.environ["RAY_ADDRESS"])
         ray.init(
             # The dashboard serves the state API: without it Ray Train's placement-group
             # cleaner cannot see that a Tune trial's controller died, and the trial's CPUs
