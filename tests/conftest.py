@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,13 @@ def write_tif(path: Path, array: np.ndarray, georef: bool = True, tiled: bool = 
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(array)
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing on this machine listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def colour_label(classes: np.ndarray) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,11 @@ import ray
 import yaml
 
 from pipeline.checkpoint import load as load_checkpoint
-from tests.conftest import small_synthetic
+from tests.conftest import free_port, small_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = shutil.which("ray", path=str(BIN))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -48,7 +41,7 @@ def two_nodes(monkeypatch):
     from ray._private import ray_constants
 
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
-    port = _free_port()
+    port = free_port()
     head = {"num_cpus": 2, "include_dashboard": True, "dashboard_port": port}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     # Separate machines have separate runtime-env folders; on one host the second node needs its

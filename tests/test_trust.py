@@ -7,7 +7,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -125,12 +124,6 @@ IID = shutil.which("iid", path=str(Path(sys.executable).parent))
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _descendants(root: int) -> list[int]:
     """``root`` and every process below it, from /proc's parent links."""
     children: dict[int, list[int]] = {}
@@ -188,7 +181,9 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     group, its rendezvous store and gloo): every socket any of its processes listens on, sampled
     while it runs, is on loopback; none on 0.0.0.0, :: or the machine's network address. A
     `ray start` cluster already running on the machine is not joined."""
-    from tests.conftest import small_synthetic
+    from ray._common.utils import get_ray_address_file
+
+    from tests.conftest import free_port, small_synthetic
 
     shards = small_synthetic(tmp_path / "data", seed=4)
     config = tmp_path / "c.yaml"
@@ -203,7 +198,7 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # A `ray start` cluster on the same machine, which a bare ray.init would join (and then
     # refuse iid's num_cpus): with no RAY_ADDRESS, iid starts its own cluster all the same.
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     other = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1"]
         + [f"--dashboard-port={dashboard}"],
@@ -211,10 +206,8 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
         stderr=subprocess.DEVNULL,
         env=env | {"RAY_AUTH_MODE": "disabled"},
     )
+    discovery = Path(get_ray_address_file(None))  # where ray.init looks for a cluster
     try:
-        from ray._common.utils import get_ray_address_file
-
-        discovery = Path(get_ray_address_file(None))  # where ray.init looks for a cluster
         deadline = time.monotonic() + 120
         while not (discovery.exists() and discovery.read_text().endswith(f":{port}")):
             assert other.poll() is None and time.monotonic() < deadline, "ray start failed"
