@@ -1,8 +1,9 @@
 """A local Ray cluster that nobody on the network can reach: every process of it, and the
-training workers' process group, listens on loopback (127.0.0.1) only.
+training workers' process group, listens on loopback (127.0.0.1) only; and joining a cluster
+(``RAY_ADDRESS``) with the authentication token it expects.
 
-A cluster the user joins (``RAY_ADDRESS``) is left as its operator set it up; this is the
-cluster ``iid`` starts by itself on one machine.
+A cluster the user joins is left as its operator set it up; the loopback cluster is the one
+``iid`` starts by itself on one machine.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import ray
 import torch.distributed as dist
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+
+from pipeline.config import ConfigError
 
 LOOPBACK = "127.0.0.1"
 
@@ -42,12 +45,78 @@ def local_cluster(dashboard: bool = True) -> dict:
 
 def join_cluster(address: str) -> None:
     """Before ``ray.init`` joins ``address`` (``RAY_ADDRESS``): a cluster on this machine's
-    loopback (another ``iid`` command's, or ``ray job submit``'s driver on one) is joined on
-    loopback; Ray would otherwise look for it at the machine's network address, where nothing
-    listens, and retry for minutes."""
+    loopback (another ``iid`` command's, a ``ray start``, or ``ray job submit``'s driver on
+    one) is joined on loopback, with this machine's authentication token.
+
+    Ray would otherwise look for it at the machine's network address, where nothing listens,
+    and retry for minutes; and it sends its token only to a local cluster it finds by itself
+    (``ray.init()``), never to an address it is given, so a cluster started with token
+    authentication (``ray start`` does whenever ``~/.ray/auth_token`` exists) refused the join.
+    """
     host = address.removeprefix("ray://").rpartition(":")[0].strip("[]")
     if host == "localhost" or host.startswith("127.") or host == "::1":
         _keep_loopback()
+        _use_own_token()
+
+
+def check_token(address: str, timeout_s: float = 10.0) -> None:
+    """The Ray cluster whose GCS listens at ``address`` (``host:port``) accepts this process's
+    authentication, or needs none; asked once, so a refusal is one line before work starts
+    (``ray.init`` retries it for half a minute, a log line a second, then reports a failed
+    connection). Any other answer (a cluster still starting, TLS) is left to ``ray.init``.
+
+    Args:
+        address: the GCS address, as ``RAY_ADDRESS`` gives it (not a ``ray://`` client one).
+        timeout_s: how long to wait for the answer.
+
+    Raises:
+        ConfigError: one line naming the address and where the token comes from.
+    """
+    import grpc
+    from ray._private.authentication.grpc_authentication_client_interceptor import (
+        _get_authentication_metadata_tuple,
+    )
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, get_authentication_mode
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    where = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+    token_mode = get_authentication_mode() == AuthenticationMode.TOKEN
+    if token_mode and not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise ConfigError(f"RAY_AUTH_MODE=token, but no authentication token is in {where}")
+    metadata = _get_authentication_metadata_tuple()
+    with grpc.insecure_channel(address) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, metadata=metadata
+            )
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return
+            if metadata:
+                raise ConfigError(
+                    f"RAY_ADDRESS: the Ray cluster at {address} refused this process's "
+                    f"authentication token (from {where}); give it the cluster's token "
+                    "(`ray get-auth-token` on its head prints it)"
+                ) from None
+            raise ConfigError(
+                f"RAY_ADDRESS: the Ray cluster at {address} requires an authentication token "
+                f"and this process sends none; set RAY_AUTH_MODE=token and the cluster's token "
+                f"in {where} (`ray get-auth-token` on its head prints it)"
+            ) from None
+
+
+def _use_own_token() -> None:
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+    from ray._raylet import AuthenticationTokenLoader
+
+    # What Ray's own ray.init() does for the local cluster it discovers (without its warning,
+    # which is not the user's business here): the token stays on this machine. An explicit
+    # RAY_AUTH_MODE is the user's choice and is kept.
+    if "RAY_AUTH_MODE" not in os.environ and AuthenticationTokenLoader.instance().has_token(
+        ignore_auth_mode=True
+    ):
+        _enable_token_auth()
 
 
 def _keep_loopback() -> None:

@@ -307,7 +307,8 @@ def _ray_notices(record: logging.LogRecord) -> bool:
 
 
 def check_cluster(wait_s: float = 30.0) -> None:
-    """The cluster ``RAY_ADDRESS`` names answers (within ``wait_s``: it may be starting).
+    """The cluster ``RAY_ADDRESS`` names answers (within ``wait_s``: it may be starting) and
+    accepts this process's authentication token (``pipeline.loopback.check_token``).
 
     Ray itself retries an address that nothing listens on for minutes. Addresses that are not
     ``host:port`` (``auto``, unset) are left to Ray.
@@ -323,7 +324,7 @@ def check_cluster(wait_s: float = 30.0) -> None:
     while True:
         try:
             socket.create_connection((host, int(port)), timeout=5).close()
-            return
+            break
         except OSError as err:
             if time.monotonic() >= deadline:
                 raise ConfigError(
@@ -332,6 +333,11 @@ def check_cluster(wait_s: float = 30.0) -> None:
                     "--head`) or unset RAY_ADDRESS to train on a local cluster"
                 ) from err
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    if not address.startswith("ray://"):  # a Ray Client server is not the GCS
+        from pipeline.loopback import check_token, join_cluster
+
+        join_cluster(address)
+        check_token(address, timeout_s=min(wait_s, 10.0))
 
 
 def make_job(

@@ -244,3 +244,83 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     names = " ".join(seen.values())
     for process in ("gcs_server", "raylet", "ray::RayTrainWorker", "ray::TrainController"):
         assert process in names, listed
+
+
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def test_joining_a_cluster_on_this_machine_sends_this_machines_token(ray_cluster, tmp_path):
+    """The suite's cluster was started with token authentication (as ``ray.init`` and ``ray
+    start`` start one whenever ``~/.ray/auth_token`` exists). A second process joins it through
+    ``RAY_ADDRESS`` without ``RAY_AUTH_MODE`` set, as a user in another terminal would; Ray sends
+    no token to an address it is given, and the cluster refused the join."""
+    code = (
+        "import ray\n"
+        "from pipeline.train import check_cluster, start_ray\n"
+        "check_cluster()\n"
+        "start_ray()\n"
+        "print('answer', ray.get(ray.remote(lambda: 7).remote()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS}
+    env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert run.returncode == 0, run.stderr
+    assert "answer 7" in run.stdout
+
+
+@pytest.mark.skipif(IID is None, reason="console script `iid` not installed next to this python")
+@pytest.mark.parametrize(
+    "auth, line",
+    [
+        (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 32},
+            "refused this process's authentication token (from RAY_AUTH_TOKEN, ",
+        ),
+        ({}, "requires an authentication token and this process sends none; set RAY_AUTH_MODE"),
+        ({"RAY_AUTH_MODE": "token"}, "RAY_AUTH_MODE=token, but no authentication token is in "),
+    ],
+    ids=["wrong-token", "no-token", "token-mode-without-a-token"],
+)
+def test_a_cluster_that_refuses_this_process_is_one_line_before_training(
+    ray_cluster, tmp_path, auth, line
+):
+    """Ray itself retries a refused token for half a minute, a log line a second, then reports
+    only a failed connection. A home without ``~/.ray/auth_token`` stands for a machine that
+    has no token."""
+    from tests.conftest import small_synthetic
+
+    shards = small_synthetic(tmp_path / "data", seed=4)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"data: {{shards: {shards}, merge: potsdam3, pairs_on: worker}}\n"
+        "model: {width: 0.125, n_clusters_a: 5}\npairs: {crop: 24}\n"
+        "scaling: {num_workers: 1, cpus_per_worker: 1}\n"
+        f"run: {{name: refused, storage_path: {tmp_path / 'runs'}}}\n"
+    )
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS} | auth
+    env["RAY_ADDRESS"] = address
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    if "RAY_AUTH_TOKEN" not in auth:
+        env["HOME"] = str(tmp_path)
+    run = subprocess.run(
+        [IID, "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    (err,) = run.stderr.splitlines()  # Ray's retries printed a line a second
+    assert err.startswith("iid train: error: ") and line in err, err
+    if not line.startswith("RAY_AUTH_MODE=token, but"):
+        assert f"RAY_ADDRESS: the Ray cluster at {address} " in err
+    assert not (tmp_path / "runs" / "refused").exists()
