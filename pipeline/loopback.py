@@ -40,7 +40,27 @@ def local_cluster(dashboard: bool = True) -> dict:
         The keyword arguments to add to ``ray.init``.
     """
     _keep_loopback()
-    return {"address": "local", "_node_ip_address": LOOPBACK, "include_dashboard": dashboard}
+    options = {"address": "local", "_node_ip_address": LOOPBACK, "include_dashboard": dashboard}
+    if dashboard:
+        # Ray's processes find the state API through the cluster `ray start` started last
+        # (/tmp/ray/ray_current_cluster) or, with none, the only gcs_server running: with a
+        # `ray start` cluster on the machine, the placement-group cleaner asked that cluster
+        # whether this run's controller lives, heard no, and removed the run's placement group
+        # (its workers died); with another local cluster it found two and gave up. Naming this
+        # cluster's dashboard to every process of the run keeps the question here.
+        port = _free_port()
+        api = f"http://{LOOPBACK}:{port}"
+        options |= {"dashboard_port": port, "runtime_env": {"env_vars": {API_SERVER: api}}}
+    return options
+
+
+API_SERVER = "RAY_API_SERVER_ADDRESS"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
 
 
 def join_cluster(address: str) -> None:

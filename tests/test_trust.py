@@ -174,16 +174,74 @@ def _listening(pids: list[int]) -> dict[tuple[str, int], str]:
     return found
 
 
+@pytest.fixture(scope="module")
+def another_cluster():
+    """A ``ray start`` cluster on the machine, as a user's own would be: the one a bare
+    ``ray.init`` joins, and the one Ray's processes find when they look for a cluster by
+    themselves. Stopped by its own process (``ray stop`` would stop every cluster here)."""
+    from ray._common.utils import get_ray_address_file
+
+    from tests.conftest import free_port
+
+    if RAY is None:
+        pytest.skip("console script `ray` not installed next to this python")
+    port, dashboard = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1"]
+        + [f"--dashboard-port={dashboard}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env | {"RAY_AUTH_MODE": "disabled"},
+    )
+    discovery = Path(get_ray_address_file(None))
+    try:
+        deadline = time.monotonic() + 120
+        while not (discovery.exists() and discovery.read_text().endswith(f":{port}")):
+            assert other.poll() is None and time.monotonic() < deadline, "ray start failed"
+            time.sleep(0.2)
+        yield port
+    finally:
+        other.terminate()  # --block: stops the cluster's processes as it exits
+        other.wait(timeout=60)
+        # Ray leaves the discovery file naming the stopped cluster.
+        if discovery.exists() and discovery.read_text().endswith(f":{port}"):
+            discovery.unlink()
+
+
+def test_a_local_clusters_processes_ask_it_and_not_another_about_its_actors(
+    ray_cluster, another_cluster
+):
+    """Ray Train's placement-group cleaner asks the state API, from a worker, whether the run's
+    controller still lives, and removes the run's placement group (its workers die) when told
+    no. With a ``ray start`` cluster on the machine, Ray's processes asked that cluster, which
+    knows no such actor."""
+    from ray.train.v2._internal.state.util import is_actor_alive
+
+    @ray_cluster.remote(num_cpus=0)
+    class Controller:
+        def ready(self) -> bool:
+            return True
+
+    controller = Controller.remote()
+    ray_cluster.get(controller.ready.remote())
+
+    @ray_cluster.remote(num_cpus=0)
+    def alive(actor_id: str) -> bool:
+        return bool(is_actor_alive(actor_id, timeout=30))
+
+    assert ray_cluster.get(alive.remote(controller._actor_id.hex()), timeout=120)
+    ray_cluster.kill(controller)
+
+
 @pytest.mark.skipif(IID is None, reason="console script `iid` not installed next to this python")
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux's /proc/net/tcp")
-def test_a_local_run_listens_on_loopback_only(tmp_path):
+def test_a_local_run_listens_on_loopback_only(tmp_path, another_cluster):
     """`iid train` on the cluster it starts itself (no RAY_ADDRESS), with 2 workers (a process
     group, its rendezvous store and gloo): every socket any of its processes listens on, sampled
     while it runs, is on loopback; none on 0.0.0.0, :: or the machine's network address. A
     `ray start` cluster already running on the machine is not joined."""
-    from ray._common.utils import get_ray_address_file
-
-    from tests.conftest import free_port, small_synthetic
+    from tests.conftest import small_synthetic
 
     shards = small_synthetic(tmp_path / "data", seed=4)
     config = tmp_path / "c.yaml"
@@ -196,41 +254,21 @@ def test_a_local_run_listens_on_loopback_only(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # A `ray start` cluster on the same machine, which a bare ray.init would join (and then
-    # refuse iid's num_cpus): with no RAY_ADDRESS, iid starts its own cluster all the same.
-    port, dashboard = free_port(), free_port()
-    other = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", "--num-cpus=1"]
-        + [f"--dashboard-port={dashboard}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env | {"RAY_AUTH_MODE": "disabled"},
+    # With a `ray start` cluster on the machine (which a bare ray.init would join, and then
+    # refuse iid's num_cpus), iid starts its own cluster all the same.
+    run = subprocess.Popen(
+        [IID, "train", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
-    discovery = Path(get_ray_address_file(None))  # where ray.init looks for a cluster
-    try:
-        deadline = time.monotonic() + 120
-        while not (discovery.exists() and discovery.read_text().endswith(f":{port}")):
-            assert other.poll() is None and time.monotonic() < deadline, "ray start failed"
-            time.sleep(0.2)
-        run = subprocess.Popen(
-            [IID, "train", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        seen: dict[tuple[str, int], str] = {}
-        deadline = time.monotonic() + 600
-        while run.poll() is None and time.monotonic() < deadline:
-            seen |= _listening(_descendants(run.pid))
-            time.sleep(0.2)
-        out = run.communicate(timeout=60)[0]
-    finally:
-        other.terminate()  # --block: stops the cluster's processes as it exits
-        other.wait(timeout=60)
-        # Ray leaves the discovery file naming the stopped cluster.
-        if discovery.exists() and discovery.read_text().endswith(f":{port}"):
-            discovery.unlink()
+    seen: dict[tuple[str, int], str] = {}
+    deadline = time.monotonic() + 600
+    while run.poll() is None and time.monotonic() < deadline:
+        seen |= _listening(_descendants(run.pid))
+        time.sleep(0.2)
+    out = run.communicate(timeout=60)[0]
     assert run.returncode == 0, out
 
     listed = {f"{addr} port {port}": name for (addr, port), name in seen.items()}
