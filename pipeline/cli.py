@@ -64,13 +64,15 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 130
     m = result.metrics or {}
+    epoch = m.get("epoch")  # counted from 0 in the metrics, from 1 wherever the user reads it
     if result.return_value == ALREADY_FINISHED:
         print(
             f"run {cfg.run.name}: already finished, nothing trained (--extend with more "
             "optim.epochs trains it further); its record:"
         )
     print(
-        f"run {cfg.run.name}: epoch {m.get('epoch')} of {cfg.optim.epochs}, "
+        f"run {cfg.run.name}: epoch {'?' if epoch is None else int(epoch) + 1} of "
+        f"{cfg.optim.epochs}, "
         f"sub-head {m.get('best_subhead')} (highest MI): ACC {m.get('acc', float('nan')):.3f} "
         f"NMI {m.get('nmi', float('nan')):.3f} ARI {m.get('ari', float('nan')):.3f}"
     )

@@ -207,6 +207,8 @@ def test_train_prints_a_line_per_epoch_quietly_and_a_finished_rerun_trains_nothi
     # Before the first epoch's line, the stretch of starting Ray and the workers is said too.
     assert lines.index("Ray ready; starting 1 training worker(s)") < lines.index(epochs[0])
     assert lines.index("1 worker(s) ready: training epoch 1/2") < lines.index(epochs[0])
+    # The summary counts epochs as the per-epoch lines do (it said "epoch 1 of 2" here).
+    assert any(ln.startswith("run lines: epoch 2 of 2, sub-head ") for ln in lines), lines
     assert not noise(lines), lines
     # The run's page, not the experiment's (which MLflow 3's UI opens on its GenAI pages).
     run_id = next(ln.split()[2] for ln in lines if ln.startswith("mlflow: run "))
@@ -224,5 +226,6 @@ def test_train_prints_a_line_per_epoch_quietly_and_a_finished_rerun_trains_nothi
     )
     assert again.returncode == 0, again.stderr
     assert "run lines: already finished, nothing trained" in again.stdout
+    assert "run lines: epoch 2 of 2, sub-head " in again.stdout
     assert not [ln for ln in again.stdout.splitlines() if ln.startswith("epoch ")]
     assert "starting" not in again.stdout  # Ray was not started
