@@ -26,7 +26,7 @@ from pipeline.augment import make_pairs, make_pairs_u8, spatial_matrices, warp
 from pipeline.config import PairConfig
 from pipeline.data.format import dataset_files, read_manifest
 from pipeline.data.pairs import keep_freed_memory, pair_dataset
-from pipeline.loopback import local_cluster
+from pipeline.loopback import start_local
 from pipeline.prepare.folder import prepare_folder
 from pipeline.prepare.run import TilingOptions
 
@@ -100,7 +100,7 @@ def end_to_end(
     prepare_folder(
         src, shards, TilingOptions(tile=200, stride=200, progress=False, rows_per_shard=64)
     )
-    ray.init(**local_cluster(dashboard=False), num_cpus=os.cpu_count() * 2, log_to_driver=False)
+    start_local(dashboard=False, num_cpus=os.cpu_count() * 2, log_to_driver=False)
     try:
         ds = pair_dataset(
             dataset_files(shards, read_manifest(shards), ["unlabelled"]),

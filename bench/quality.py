@@ -43,7 +43,7 @@ from pipeline.data.format import fit_to_data, label_lut, read_manifest
 from pipeline.data.read import iter_tiles
 from pipeline.demo import DIGITS_PAIRS
 from pipeline.evaluate import Evaluation, evaluate_uri
-from pipeline.loopback import local_cluster
+from pipeline.loopback import start_local
 from pipeline.metrics import cluster_scores
 from pipeline.models import build_model
 from pipeline.prepare.clustering import DigitsSpec, prepare_digits
@@ -422,7 +422,7 @@ def main() -> None:
     names = args.only or list(CASES)
     tables: dict[bool, list] = {True: [], False: []}
     configs, lines = {}, []
-    ray.init(**local_cluster(), num_cpus=4, log_to_driver=False)  # as `iid train` starts it
+    start_local(num_cpus=4, log_to_driver=False)  # as `iid train` starts it
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             try:

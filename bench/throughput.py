@@ -39,7 +39,7 @@ from pipeline.augment import random_crops
 from pipeline.checkpoint import CHECKPOINT_FILE
 from pipeline.config import Config
 from pipeline.data.read import iter_tiles
-from pipeline.loopback import local_cluster
+from pipeline.loopback import start_local
 from pipeline.models import build_model
 from pipeline.prepare.run import TilingOptions
 from pipeline.prepare.synthetic import SceneSpec, prepare_synthetic
@@ -154,11 +154,7 @@ def main() -> None:
         opts = TilingOptions(tile=128, stride=128, progress=False, test_fraction=0.1)
         prepare_synthetic(work / "data", opts, SceneSpec(size=args.size, seed=3), baselines=False)
         shards = work / "data" / "shards"
-        ray.init(
-            **local_cluster(),  # as `iid train` starts it
-            num_cpus=max(4, args.cores),
-            log_to_driver=False,
-        )
+        start_local(num_cpus=max(4, args.cores), log_to_driver=False)  # as `iid train` does
         for size in args.sizes:
             tag = f"{size[0]:g}x{size[1]}"
             for cores in sorted({args.cores, max(1, args.cores - 1)}, reverse=True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import Any
 
 import ray
 import torch.distributed as dist
@@ -25,8 +26,8 @@ LOOPBACK = "127.0.0.1"
 _store: dist.TCPStore | None = None
 
 
-def local_cluster(dashboard: bool = True) -> dict:
-    """``ray.init``'s arguments for a cluster of this machine alone, on loopback.
+def start_local(dashboard: bool = True, **options: Any) -> Any:
+    """Start a Ray cluster of this machine alone, on loopback (``ray.init``).
 
     ``address="local"`` starts a new cluster even where a ``ray start`` cluster runs on the
     machine (``ray.init`` would join that one, and then refuse ``num_cpus``); joining a cluster
@@ -35,23 +36,32 @@ def local_cluster(dashboard: bool = True) -> dict:
     Args:
         dashboard: start the dashboard, whose state API Ray Train needs (its placement-group
             cleaner asks it whether a run's controller still lives); batch inference does not.
+        options: ``ray.init``'s other arguments (``num_cpus``, ``log_to_driver``, ...).
 
     Returns:
-        The keyword arguments to add to ``ray.init``.
+        What ``ray.init`` returns.
     """
     _keep_loopback()
-    options = {"address": "local", "_node_ip_address": LOOPBACK, "include_dashboard": dashboard}
-    if dashboard:
-        # Ray's processes find the state API through the cluster `ray start` started last
-        # (/tmp/ray/ray_current_cluster) or, with none, the only gcs_server running: with a
-        # `ray start` cluster on the machine, the placement-group cleaner asked that cluster
-        # whether this run's controller lives, heard no, and removed the run's placement group
-        # (its workers died); with another local cluster it found two and gave up. Naming this
-        # cluster's dashboard to every process of the run keeps the question here.
-        port = _free_port()
-        api = f"http://{LOOPBACK}:{port}"
-        options |= {"dashboard_port": port, "runtime_env": {"env_vars": {API_SERVER: api}}}
-    return options
+    local = {"address": "local", "_node_ip_address": LOOPBACK, "include_dashboard": dashboard}
+    if not dashboard:
+        return ray.init(**local, **options)
+    # Ray's processes look for the state API in the cluster `ray start` started last
+    # (/tmp/ray/ray_current_cluster) or, with none, the only gcs_server running. With a `ray
+    # start` cluster on the machine, the placement-group cleaner asked that cluster whether
+    # this run's controller lived, heard no, and could remove the run's placement group (its
+    # workers die); beside another local cluster it found two and gave up. Every process of
+    # this cluster inherits the variable from the raylet; the driver's environment is put back
+    # so that a command it starts later (`ray job submit --address ...`) is not sent here.
+    port = _free_port()
+    before = os.environ.get(API_SERVER)
+    os.environ[API_SERVER] = f"http://{LOOPBACK}:{port}"
+    try:
+        return ray.init(**local, dashboard_port=port, **options)
+    finally:
+        if before is None:
+            del os.environ[API_SERVER]
+        else:
+            os.environ[API_SERVER] = before
 
 
 API_SERVER = "RAY_API_SERVER_ADDRESS"
@@ -155,7 +165,7 @@ def _keep_loopback() -> None:
 
 def torch_config() -> TorchConfig:
     """Ray Train's ``TorchConfig`` for ``TorchTrainer``: the same process group (gloo on CPU,
-    NCCL on GPU), set up on loopback when the cluster is a ``local_cluster``."""
+    NCCL on GPU), set up on loopback when the cluster is one ``start_local`` started."""
     return _LoopbackTorchConfig()
 
 
@@ -174,7 +184,7 @@ class _LoopbackTorchBackend(_TorchBackend):
 
     def on_start(self, worker_group, backend_config: TorchConfig) -> None:
         # This runs in Ray Train's controller: a node whose address is loopback belongs to a
-        # cluster that no other machine can join (``local_cluster``).
+        # cluster that no other machine can join (``start_local``).
         if ray.util.get_node_ip_address() != LOOPBACK:
             super().on_start(worker_group, backend_config)
             return

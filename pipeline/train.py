@@ -258,7 +258,7 @@ def start_ray(dashboard: bool = True) -> None:
     import ray
     import ray.data
 
-    from pipeline.loopback import join_cluster, local_cluster
+    from pipeline.loopback import join_cluster, start_local
 
     # Ray's own lines (its start-up notice, the token-authentication warning, Ray Data's
     # execution plans) only where the user asked for them (-vv): `import ray` sets its logger
@@ -269,19 +269,17 @@ def start_ray(dashboard: bool = True) -> None:
         # Workers' log lines (Ray Data progress bars, controller notices) reach the terminal
         # only with -v; a failure still arrives as the exception fit() raises.
         verbose = logging.getLogger("pipeline").isEnabledFor(logging.INFO)
-        local = not os.environ.get("RAY_ADDRESS")
-        if not local:
+        options = {"logging_level": logging.INFO if own else logging.WARNING}
+        options["log_to_driver"] = verbose
+        if os.environ.get("RAY_ADDRESS"):
             join_cluster(os.environ["RAY_ADDRESS"])
-        ray.init(
+            ray.init(**options)
+        else:
             # The dashboard serves the state API: without it Ray Train's placement-group
             # cleaner cannot see that a Tune trial's controller died, and the trial's CPUs
             # are never released (the next trial then waits forever on a small machine).
-            **(local_cluster(dashboard) if local else {}),
-            logging_level=logging.INFO if own else logging.WARNING,
             # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
-            num_cpus=max(4, os.cpu_count() or 1) if local else None,
-            log_to_driver=verbose,
-        )
+            start_local(dashboard, num_cpus=max(4, os.cpu_count() or 1), **options)
     _quiet_ray_logs(own)  # ray.init may have set up its handlers afresh
     ray.data.DataContext.get_current().enable_progress_bars = False
 

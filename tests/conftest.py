@@ -85,6 +85,27 @@ def small_synthetic(out: Path, seed: int, test_fraction: float = 0.2) -> Path:
     return out / "shards"
 
 
+def small_run_config(
+    folder: Path, name: str, epochs: int, scaling: str, storage_path: str | Path
+) -> Path:
+    """``folder/c.yaml``: an ``iid train`` config that trains on ``small_synthetic`` shards
+    (made under ``folder/data``) in seconds an epoch, for tests that run the CLI end to end.
+
+    Args:
+        scaling: the ``scaling`` mapping's YAML, e.g. ``{num_workers: 1, cpus_per_worker: 1}``.
+        storage_path: ``run.storage_path`` (a relative one is the command's working folder).
+    """
+    shards = small_synthetic(folder / "data", seed=4)
+    config = folder / "c.yaml"
+    config.write_text(
+        f"data: {{shards: {shards}, merge: potsdam3, pairs_on: worker}}\n"
+        "model: {width: 0.125, n_clusters_a: 5}\nloss: {half_window: 3}\n"
+        f"optim: {{epochs: {epochs}}}\npairs: {{crop: 24}}\nscaling: {scaling}\n"
+        f"run: {{name: {name}, storage_path: {storage_path}}}\n"
+    )
+    return config
+
+
 def split_files(shards: Path, split: str) -> list[str]:
     """The shard files the manifest lists for ``split`` (what training reads)."""
     return dataset_files(shards, read_manifest(shards), [split])
@@ -116,10 +137,10 @@ def ray_cluster():
     tests do, so actor pools cannot starve read tasks on a 2-core machine)."""
     import ray
 
-    from pipeline.loopback import local_cluster
+    from pipeline.loopback import start_local
 
     # On loopback and with the dashboard, as `iid` starts it: Ray Train's placement-group
     # cleaner needs its state API.
-    ray.init(**local_cluster(), num_cpus=4, log_to_driver=False, configure_logging=False)
+    start_local(num_cpus=4, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -172,18 +172,11 @@ def noise(lines: list[str]) -> list[str]:
 def test_train_prints_a_line_per_epoch_quietly_and_a_finished_rerun_trains_nothing(
     tmp_path, ray_cluster
 ):
-    from tests.conftest import small_synthetic
+    from tests.conftest import small_run_config
 
-    shards = small_synthetic(tmp_path / "data", seed=4)
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"data: {{shards: {shards}, merge: potsdam3, pairs_on: worker}}\n"
-        "model: {width: 0.125, n_clusters_a: 5}\nloss: {half_window: 3}\n"
-        "optim: {epochs: 2}\npairs: {crop: 24}\n"
-        "scaling: {num_workers: 1, cpus_per_worker: 1}\n"
-        # A relative storage path, as in configs/demo.yaml: Ray's workers run elsewhere.
-        "run: {name: lines, storage_path: runs}\n"
-    )
+    # A relative storage path, as in configs/demo.yaml: Ray's workers run elsewhere.
+    scaling = "{num_workers: 1, cpus_per_worker: 1}"
+    config = small_run_config(tmp_path, "lines", 2, scaling, storage_path="runs")
     # The test's cluster, joined as `ray start` users join theirs (no second cluster to start).
     env = {
         **os.environ,

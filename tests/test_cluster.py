@@ -92,7 +92,7 @@ def test_submitted_job_trains_one_worker_per_node(two_nodes, tmp_path):
     job = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     out = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in out, out[-4000:]
-    assert "run two-nodes: epoch 0 of 1" in out  # the job's own output, streamed back
+    assert "run two-nodes: epoch 1 of 1" in out  # the job's own output, streamed back
 
     report = json.loads((tmp_path / "shared" / "two-nodes" / "report.json").read_text())
     # Checkpoints went to the storage URI, where any node can resume from them.

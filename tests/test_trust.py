@@ -18,6 +18,7 @@ import torch
 from pipeline.checkpoint import CHECKPOINT_FILE, load
 from pipeline.cli import main as cli_main
 from pipeline.config import ConfigError
+from pipeline.loopback import API_SERVER
 
 
 class Payload:
@@ -232,6 +233,10 @@ def test_a_local_clusters_processes_ask_it_and_not_another_about_its_actors(
 
     assert ray_cluster.get(alive.remote(controller._actor_id.hex()), timeout=120)
     ray_cluster.kill(controller)
+    # The driver's own environment does not keep it: the commands it starts (`ray job submit
+    # --address ...` to another cluster) would be sent to this one.
+    dashboard = ray_cluster._private.worker.get_dashboard_url()
+    assert dashboard and dashboard not in os.environ.get(API_SERVER, "")
 
 
 @pytest.mark.skipif(IID is None, reason="console script `iid` not installed next to this python")
@@ -241,17 +246,10 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, another_cluster):
     group, its rendezvous store and gloo): every socket any of its processes listens on, sampled
     while it runs, is on loopback; none on 0.0.0.0, :: or the machine's network address. A
     `ray start` cluster already running on the machine is not joined."""
-    from tests.conftest import small_synthetic
+    from tests.conftest import small_run_config
 
-    shards = small_synthetic(tmp_path / "data", seed=4)
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"data: {{shards: {shards}, merge: potsdam3, pairs_on: worker}}\n"
-        "model: {width: 0.125, n_clusters_a: 5}\nloss: {half_window: 3}\n"
-        "optim: {epochs: 3}\npairs: {crop: 24}\n"
-        "scaling: {num_workers: 2, cpus_per_worker: 0.5}\n"
-        f"run: {{name: loopback, storage_path: {tmp_path / 'runs'}}}\n"
-    )
+    scaling = "{num_workers: 2, cpus_per_worker: 0.5}"
+    config = small_run_config(tmp_path, "loopback", 3, scaling, storage_path=tmp_path / "runs")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # With a `ray start` cluster on the machine (which a bare ray.init would join, and then
@@ -332,16 +330,10 @@ def test_a_cluster_that_refuses_this_process_is_one_line_before_training(
     """Ray itself retries a refused token for half a minute, a log line a second, then reports
     only a failed connection. A home without ``~/.ray/auth_token`` stands for a machine that
     has no token."""
-    from tests.conftest import small_synthetic
+    from tests.conftest import small_run_config
 
-    shards = small_synthetic(tmp_path / "data", seed=4)
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        f"data: {{shards: {shards}, merge: potsdam3, pairs_on: worker}}\n"
-        "model: {width: 0.125, n_clusters_a: 5}\npairs: {crop: 24}\n"
-        "scaling: {num_workers: 1, cpus_per_worker: 1}\n"
-        f"run: {{name: refused, storage_path: {tmp_path / 'runs'}}}\n"
-    )
+    scaling = "{num_workers: 1, cpus_per_worker: 1}"
+    config = small_run_config(tmp_path, "refused", 1, scaling, storage_path=tmp_path / "runs")
     address = ray_cluster.get_runtime_context().gcs_address
     env = {k: v for k, v in os.environ.items() if k not in AUTH_VARS} | auth
     env["RAY_ADDRESS"] = address

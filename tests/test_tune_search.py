@@ -300,7 +300,7 @@ def test_exported_best_config_trains_unchanged(search, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert cli_main(["train", "--config", str(best)]) == 0
     out = capsys.readouterr().out
-    assert f"run s-best: epoch {EPOCHS - 1} of {EPOCHS}" in out
+    assert f"run s-best: epoch {EPOCHS} of {EPOCHS}" in out
     report = json.loads((search["tmp"] / "runs" / "s-best" / "report.json").read_text())
     assert report["tracking_uri"] == search["uri"]
 
