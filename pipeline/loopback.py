@@ -21,6 +21,8 @@ from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBacken
 from pipeline.config import ConfigError
 
 LOOPBACK = "127.0.0.1"
+# Where Ray's processes ask the state API (the dashboard) about the cluster.
+API_SERVER = "RAY_API_SERVER_ADDRESS"
 
 # Rank 0's rendezvous store, kept alive for as long as the worker's process group lives.
 _store: dist.TCPStore | None = None
@@ -62,9 +64,6 @@ def start_local(dashboard: bool = True, **options: Any) -> Any:
             del os.environ[API_SERVER]
         else:
             os.environ[API_SERVER] = before
-
-
-API_SERVER = "RAY_API_SERVER_ADDRESS"
 
 
 def _free_port() -> int:
