@@ -96,7 +96,7 @@ def train_epoch_head(
         # One host read per step (also the progress figure): never step on a non-finite loss.
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at epoch {epoch}, head {head}, step {step} "
+                f"non-finite loss {loss.item()} at epoch {epoch + 1}, head {head}, step {step + 1} "
                 f"({_tiles(batch)}); an all-masked batch also gives NaN"
             )
         opt.zero_grad(set_to_none=True)

@@ -404,7 +404,8 @@ def test_non_finite_loss_stops_before_the_step(shards, tmp_path):
     batch = {"x": torch.rand(2, 3, 24, 24), "label": torch.zeros(2, 24, 24, dtype=torch.uint8)}
     batch["tile_id"] = ["a_r0_c0", "a_r0_c32"]
     gen = torch.Generator().manual_seed(0)
-    stopped = r"non-finite loss nan at epoch 3, head A, step 0 \(tiles a_r0_c0, a_r0_c32\)"
+    # Counted from 1, as the per-epoch lines count (epoch index 3 is the 4th).
+    stopped = r"non-finite loss nan at epoch 4, head A, step 1 \(tiles a_r0_c0, a_r0_c32\)"
     with pytest.raises(NonFiniteLossError, match=stopped):
         train_epoch_head(model, opt, [batch], "A", 1.0, cfg, torch.device("cpu"), 3, gen)
     after = list(model.parameters())
