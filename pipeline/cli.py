@@ -95,8 +95,17 @@ def _tune(args: argparse.Namespace) -> int:
     from pipeline.tune.search import SearchOptions, format_table, resume_search, run_search
     from pipeline.tune.space import read_space_file
 
-    # Trial progress lines are the point of a long search: shown without -v too.
-    logging.getLogger("pipeline.tune.search").setLevel(logging.INFO)
+    # Trial progress lines are the point of a long search: shown without -v too, plain as
+    # iid train's epoch lines (with -v, the log's timestamps and names show them as logs).
+    progress = logging.getLogger("pipeline.tune.search")
+    progress.setLevel(logging.INFO)
+    quiet = not logging.getLogger("pipeline").isEnabledFor(logging.INFO)
+    if quiet and not any(h.get_name() == "iid-progress" for h in progress.handlers):
+        plain = logging.StreamHandler(sys.stdout)
+        plain.set_name("iid-progress")
+        plain.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(plain)
+        progress.propagate = False
     if args.resume:
         if args.config or args.space:
             raise ConfigError("--resume PATH takes no --config or --space (the search keeps them)")

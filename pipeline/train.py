@@ -281,6 +281,8 @@ def start_ray(dashboard: bool = True) -> None:
             # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
             start_local(dashboard, num_cpus=max(4, os.cpu_count() or 1), **options)
     _quiet_ray_logs(own)  # ray.init may have set up its handlers afresh
+    if not own:
+        _drop_worker_count_notice()
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -296,12 +298,52 @@ def _quiet_ray_logs(own: bool) -> None:
                 handler.addFilter(_ray_notices)
 
 
+# The raylet's notice, printed by every driver of the node, that it has started more worker
+# processes than it has cores: a search's trials, Train controllers and Ray Data actors are
+# all processes by design.
+WORKER_COUNT_NOTICE = "worker processes have been started on node"
+
+
+def _drop_worker_count_notice() -> None:
+    from ray._private import worker
+
+    # The driver's listener prints every message the raylet publishes through this function,
+    # straight to stdout (no logger to filter, no switch); other messages (a worker killed
+    # for memory) still pass.
+    show = worker.print_to_stdstream
+    if getattr(show, "iid_filtered", False):
+        return
+
+    def filtered(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if WORKER_COUNT_NOTICE not in ln]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        show(data, ignore_prefix)
+
+    filtered.iid_filtered = True
+    worker.print_to_stdstream = filtered
+
+
 def _ray_notices(record: logging.LogRecord) -> bool:
     """False for Ray's INFO lines and for its notices that say nothing a user of this project
     must act on (warnings only by Ray's own standard); all of them are kept with -vv."""
     text = record.getMessage()
-    notice = text.startswith(("Token authentication is enabled", "Progress bars disabled"))
+    # Tune's "Failed to fetch metrics": a trial's result.json not yet written when the search
+    # ends; the summary reads each trial's last result, not those files.
+    notices = (
+        "Token authentication is enabled",
+        "Progress bars disabled",
+        "Failed to fetch metrics",
+    )
+    notice = text.startswith(notices)
     return record.levelno >= logging.WARNING and not notice
+
+
+def ray_target() -> str:
+    """What ``start_ray`` starts or joins, in words for a progress line."""
+    return os.environ.get("RAY_ADDRESS") or "a local Ray cluster"
 
 
 def check_cluster(wait_s: float = 30.0) -> None:
@@ -566,7 +608,7 @@ def fit(cfg: Config, extend: bool = False, say: Callable[[str], None] | None = N
         tracking.set_status(uri, job.run_id, "RUNNING", note)
         try:
             if say:
-                where = os.environ.get("RAY_ADDRESS") or "a local Ray cluster"
+                where = ray_target()
                 say(f"run {cfg.run.name}: {run_state(cfg, run_dir, None)}; starting {where}")
             start_ray()
             if say:

@@ -140,7 +140,9 @@ def ray_cluster():
     from pipeline.loopback import start_local
 
     # On loopback and with the dashboard, as `iid` starts it: Ray Train's placement-group
-    # cleaner needs its state API.
-    start_local(num_cpus=4, log_to_driver=False, configure_logging=False)
+    # cleaner needs its state API. A test that ran `iid` in this process (cli_main) may have
+    # started the same kind of cluster already (test_tune_search.py run alone does).
+    if not ray.is_initialized():
+        start_local(num_cpus=4, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

@@ -165,7 +165,7 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def _finished(log: Path) -> list[str]:
     """Trial ids the driver's progress lines report finished."""
     lines = log.read_text().splitlines() if log.is_file() else []
-    found = (re.search(r"pipeline.tune.search: trial (\S+) finished", ln) for ln in lines)
+    found = (re.match(r"trial (\S+) finished", ln) for ln in lines)
     return [m.group(1) for m in found if m]
 
 
@@ -212,9 +212,25 @@ def search(shards, tmp_path_factory) -> dict:
         "finished_before_kill": finished,
         "checkpoints_before": before,
         "stdout": resumed.stdout,
+        "output": resumed.stdout + resumed.stderr,
         "first_log": (tmp / "first.log").read_text(),
         "uri": f"sqlite:///{tmp / 'mlflow.db'}",
     }
+
+
+def test_a_search_prints_only_its_own_lines(search):
+    """By default: the search's start, a line per trial epoch and per ended trial, the summary.
+    Not Tune's experiment box and TensorBoard hint, Optuna's "A new study created", or the
+    raylet's notice that it started more worker processes than the machine has cores."""
+    from tests.test_cli import NOISE
+
+    first = search["first_log"].splitlines()
+    assert first[0].startswith("search s: 3 trial(s), 2 at a time, ranked by mi; starting a l")
+    assert first[1:] and all(ln.startswith("trial ") for ln in first[1:]), first
+    resumed = search["output"].splitlines()
+    assert resumed[0] == "search s: resuming it; starting a local Ray cluster", resumed
+    theirs = NOISE + ("Configuration for", "TensorBoard", "new study", "worker processes")
+    assert not [ln for ln in first + resumed if any(n in ln for n in theirs)], first + resumed
 
 
 def test_resumed_search_ends_with_all_trials_and_does_not_rerun_finished_ones(search):

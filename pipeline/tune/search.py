@@ -37,7 +37,14 @@ from pipeline import checkpoint, storage, tracking
 from pipeline.config import Config, ConfigError, PairConfig, Record
 from pipeline.data.format import check_data, fit_to_data, training_inputs
 from pipeline.plots import plot_trials
-from pipeline.train import check_cluster, launch, make_job, start_ray
+from pipeline.train import (
+    THIRD_PARTY_LOGS,
+    check_cluster,
+    launch,
+    make_job,
+    ray_target,
+    start_ray,
+)
 from pipeline.tune.space import SearchSpace, parse_space
 
 log = logging.getLogger(__name__)
@@ -252,8 +259,16 @@ def run_search(
         parent_run_id=tracking.create_search_run(uri, cfg.run.experiment, opts.name, params),
     )
     storage.write_json_atomic(storage.join(folder, SEARCH_FILE), record.to_dict())
+    log.info(
+        "search %s: %d trial(s), %d at a time, ranked by %s; starting %s",
+        opts.name,
+        opts.num_samples,
+        opts.max_concurrent,
+        opts.metric,
+        ray_target(),
+    )
     start_ray()
-    _checkpoint_often()
+    _tune_settings()
     return summarise(record, _new_tuner(record, space).fit())
 
 
@@ -307,8 +322,9 @@ def resume_search(path: str | Path) -> SearchOutcome:
         raise ConfigError(f"{folder}/{SEARCH_FILE}: not valid JSON ({err.msg})") from err
     tracking.check_reachable(record.tracking_uri)
     check_cluster()
+    log.info("search %s: resuming it; starting %s", record.options.name, ray_target())
     start_ray()
-    _checkpoint_often()
+    _tune_settings()
     if ray.tune.Tuner.can_restore(folder):
         tuner = ray.tune.Tuner.restore(folder, _trainable(record), resume_unfinished=True)
     else:
@@ -325,17 +341,25 @@ def _has_labels(cfg: Config, manifest: dict) -> bool:
     return sum(split.get("class_pixels", [])) > 0
 
 
-def _checkpoint_often() -> None:
+def _tune_settings() -> None:
     # Tune saves its state every >= 10 s by default; a driver killed just after a trial ended
     # would then forget it. The state is small: save it every 2 s.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if os.environ.get(THIRD_PARTY_LOGS) != "1":
+        # Tune's new output engine prints its experiment box and TensorBoard hint even at
+        # verbose=0; the old one prints nothing there. Our own lines are Progress's.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def _search_algorithm(name: str, seed: int):
     if name == "random":
         return BasicVariantGenerator(random_state=seed)
+    import optuna
     from ray.tune.search.optuna import OptunaSearch
 
+    # Optuna sets its own logger to INFO with its own handler ("A new study created").
+    own = os.environ.get(THIRD_PARTY_LOGS) == "1"
+    optuna.logging.set_verbosity(logging.INFO if own else logging.WARNING)
     return OptunaSearch(seed=seed)
 
 
