@@ -265,6 +265,8 @@ def start_ray(dashboard: bool = True) -> None:
     # to INFO whatever was set before.
     own = os.environ.get(THIRD_PARTY_LOGS) == "1"
     _quiet_ray_logs(own)
+    if not own:  # before ray.init starts the listener that prints the raylet's messages
+        _drop_worker_count_notice()
     if not ray.is_initialized():
         # Workers' log lines (Ray Data progress bars, controller notices) reach the terminal
         # only with -v; a failure still arrives as the exception fit() raises.
@@ -281,8 +283,6 @@ def start_ray(dashboard: bool = True) -> None:
             # More logical CPUs than cores: Ray Data's read tasks must not wait behind workers.
             start_local(dashboard, num_cpus=max(4, os.cpu_count() or 1), **options)
     _quiet_ray_logs(own)  # ray.init may have set up its handlers afresh
-    if not own:
-        _drop_worker_count_notice()
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -222,6 +222,7 @@ def test_a_search_prints_only_its_own_lines(search):
     """By default: the search's start, a line per trial epoch and per ended trial, the summary.
     Not Tune's experiment box and TensorBoard hint, Optuna's "A new study created", or the
     raylet's notice that it started more worker processes than the machine has cores."""
+    from pipeline.train import WORKER_COUNT_NOTICE
     from tests.test_cli import NOISE
 
     first = search["first_log"].splitlines()
@@ -229,7 +230,7 @@ def test_a_search_prints_only_its_own_lines(search):
     assert first[1:] and all(ln.startswith("trial ") for ln in first[1:]), first
     resumed = search["output"].splitlines()
     assert resumed[0] == "search s: resuming it; starting a local Ray cluster", resumed
-    theirs = NOISE + ("Configuration for", "TensorBoard", "new study", "worker processes")
+    theirs = NOISE + ("Configuration for", "TensorBoard", "new study", WORKER_COUNT_NOTICE)
     assert not [ln for ln in first + resumed if any(n in ln for n in theirs)], first + resumed
 
 
